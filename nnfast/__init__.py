@@ -1,0 +1,30 @@
+"""nnfast: fused Triton kernels for training transformer language models fast.
+
+Layers: ``nnfast.kernels`` (Triton), ``nnfast.functional`` (public functions that pick the
+kernel or the PyTorch reference), ``nnfast`` modules (thin ``nn.Module`` wrappers), and
+``nnfast.models`` (architectures assembled from the modules).
+"""
+
+from nnfast import functional
+from nnfast._backend import backend
+from nnfast.modules.attention import Attention, KVCache, SelfAttention, patch
+from nnfast.modules.mlp import MLP, GatedMLP, SwiGLU
+from nnfast.modules.norm import LayerNorm, RMSNorm
+from nnfast.modules.rope import RotaryEmbedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "KVCache",
+    "SelfAttention",
+    "GatedMLP",
+    "LayerNorm",
+    "MLP",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "backend",
+    "functional",
+    "patch",
+]

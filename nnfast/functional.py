@@ -1,0 +1,225 @@
+"""nnfast's public functions. Each validates its input (the same checks on every path),
+then runs the Triton kernel (``nnfast.kernels.<op>``) or the PyTorch reference
+(``nnfast.reference.<op>``) as ``nnfast._backend.use_triton`` decides. The kernel entry
+point and its reference take the same arguments, so the choice is one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from nnfast import _checks as C
+from nnfast._backend import use_triton
+
+# Largest normalized size the norm kernels take: one row must fit in one program.
+MAX_NORM_SIZE = 65536
+MAX_HEAD_DIM = 256
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _impl(op: str, x: torch.Tensor):
+    """The module that implements ``op`` for tensors like ``x``: kernel or reference."""
+    package = "nnfast.kernels" if use_triton(x) else "nnfast.reference"
+    return importlib.import_module(f"{package}.{op}")
+
+
+# ----------------------------------------------------------------------------- norms
+def _norm(x, normalized_shape, weight, bias, eps, rms, residual):
+    C.check_float("input", x)
+    C.check_same_device("input", x, weight=weight, bias=bias, residual=residual)
+    n, shape = C.normalized_size(x, normalized_shape, MAX_NORM_SIZE)
+    C.check_param_dtype("weight", weight, x)
+    C.check_param_dtype("bias", bias, x)
+    C.check_shape("weight", weight, shape)
+    C.check_shape("bias", bias, shape)
+    if residual is not None:
+        C.check_float("residual", residual)
+        C.check_same_dtype("input", x, residual=residual)
+        C.check_shape("residual", residual, tuple(x.shape))
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return _impl("norm", x).layer_norm(x, n, weight, bias, float(eps), rms, residual)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm``: y = x / sqrt(mean(x^2) + eps) * weight."""
+    return _norm(input, normalized_shape, weight, None, eps, True, None)[0]
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm``."""
+    return _norm(input, normalized_shape, weight, bias, eps, False, None)[0]
+
+
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
+    """Pre-norm blocks: ``s = input + residual`` and ``rms_norm(s)`` in one pass.
+    Returns ``(normed, s)``."""
+    return _norm(input, normalized_shape, weight, None, eps, True, residual)
+
+
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``s = input + residual`` and ``layer_norm(s)`` in one pass. Returns ``(normed, s)``."""
+    return _norm(input, normalized_shape, weight, bias, eps, False, residual)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=False):
+    """Rotary position embedding applied to q and k in one launch.
+
+    Layout (the whole library's): q ``(B, H, T, D)``, k ``(B, Hk, T, D)``.
+    ``cos``/``sin``: float32 ``(max_seq_len, rotary_dim // 2)`` tables
+    (``nnfast.reference.rope.rotary_cos_sin``); only the first ``rotary_dim`` channels of
+    each head rotate (partial rotary), the rest pass through.
+    Token t of the sequence sits at position ``offset + t``, or at ``position_ids[..., t]``
+    (shape ``(T,)`` or ``(B, T)``) when given.
+    ``interleaved=False``: half-split pairs (i, i + rotary_dim/2), GPT-NeoX / Hugging Face;
+    ``interleaved=True``: adjacent pairs (2i, 2i+1), Meta's Llama.
+    Returns ``(q_rotated, k_rotated)``.
+    """
+    C.check_float("q", q)
+    C.check_float("k", k)
+    C.check_same_dtype("q", q, k=k)
+    C.check_same_device("q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, T, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, _, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"k must be (B={B}, Hk, T={T}, D={D}); got {tuple(k.shape)}")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise TypeError(f"cos and sin must be float32, got {cos.dtype} and {sin.dtype}")
+    if cos.dim() != 2 or cos.shape != sin.shape:
+        raise ValueError(
+            f"cos and sin must both be (max_seq_len, rotary_dim // 2); got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim > D or rotary_dim == 0:
+        raise ValueError(f"rotary_dim {rotary_dim} (2 * cos.shape[1]) must be in [2, head dim {D}]")
+    if position_ids is not None:
+        if position_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"position_ids must be int32 or int64, got {position_ids.dtype}")
+        if tuple(position_ids.shape) not in ((T,), (B, T)):
+            raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}); got {tuple(position_ids.shape)}")
+    elif offset < 0 or offset + T > cos.shape[0]:
+        raise ValueError(f"positions offset={offset} .. {offset + T - 1} exceed the table's {cos.shape[0]} rows")
+    return _impl("rope", q).apply_rotary(q, k, cos, sin, position_ids, int(offset), bool(interleaved))
+
+
+# ----------------------------------------------------------------------------- gated MLP
+def _act(x, up, activation):
+    C.check_float("gate" if up is not None else "input", x)
+    if up is not None:
+        C.check_float("up", up)
+        C.check_same_dtype("gate", x, up=up)
+        C.check_same_device("gate", x, up=up)
+        C.check_shape("up", up, tuple(x.shape))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _impl("activation", x).act_mul(x, up, activation)
+
+
+def silu_mul(gate, up):
+    """SwiGLU's ``silu(gate) * up``, fused forward and backward."""
+    return _act(gate, up, "silu")
+
+
+def gelu_mul(gate, up, approximate="tanh"):
+    """Gated GELU (T5 v1.1): ``gelu(gate) * up``."""
+    return _act(gate, up, "gelu_tanh" if approximate == "tanh" else "gelu")
+
+
+def gelu(input, approximate="none"):
+    """``torch.nn.functional.gelu`` through the same kernel (GPT-2's MLP uses ``'tanh'``)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _act(input, None, "gelu_tanh" if approximate == "tanh" else "gelu")
+
+
+# ----------------------------------------------------------------------------- attention
+def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        C.check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+    C.check_same_dtype("query", query, key=key, value=value)
+    C.check_same_device("query", query, key=key, value=value, attn_mask=attn_mask)
+    B, Hq, Lq, D = query.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[3] != D:
+        raise ValueError(f"key's head dim {key.shape[3]} must equal query's {D}")
+    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in H and L")
+    if value.shape[3] != D:
+        raise ValueError(f"value's head dim {value.shape[3]} must equal query's {D}")
+    if D > MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"head dim {D} is outside the supported range 1..{MAX_HEAD_DIM}")
+    Hk = key.shape[1]
+    if Hk != Hq:
+        if not enable_gqa:
+            raise ValueError(f"query has {Hq} heads but key/value {Hk}; pass enable_gqa=True for GQA")
+        if Hq % Hk:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hk})")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in C.FLOAT_DTYPES:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        target = (B, Hq, Lq, key.shape[2])
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), target)
+            ok = attn_mask.dim() <= 4
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk) = {target}"
+            )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (layout (B, H, L, D)).
+
+    ``is_causal`` is top-left aligned as in PyTorch. Boolean masks: True takes part.
+    A row with no key to attend to gives zeros (PyTorch gives NaN there).
+    """
+    _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    if is_causal and attn_mask is not None:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as in PyTorch)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return _impl("attention", query).attention(
+        query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale)
+    )
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+def linear_cross_entropy(
+    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+):
+    """``cross_entropy(input @ weight.T + bias, target)`` without materializing the logits of
+    the whole batch: the vocabulary projection and the loss run in chunks.
+    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int."""
+    C.check_float("input", input)
+    C.check_float("weight", weight)
+    C.check_same_device("input", input, weight=weight, target=target, bias=bias)
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"weight must be (V, {input.shape[-1]}), got {tuple(weight.shape)}")
+    C.check_shape("bias", bias, (weight.shape[0],))
+    if target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return _impl("cross_entropy", input).linear_cross_entropy(
+        input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing)
+    )

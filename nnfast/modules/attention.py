@@ -1,0 +1,1 @@
+Attention = SelfAttention = KVCache = patch = None
