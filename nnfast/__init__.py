@@ -7,15 +7,17 @@ kernel or the PyTorch reference), ``nnfast`` modules (thin ``nn.Module`` wrapper
 
 from nnfast import functional
 from nnfast._backend import backend
-from nnfast.modules.attention import Attention, KVCache, SelfAttention, patch
+from nnfast.modules.attention import Attention, CrossAttention, KVCache, SelfAttention, patch
 from nnfast.modules.mlp import MLP, GatedMLP, SwiGLU
 from nnfast.modules.norm import LayerNorm, RMSNorm
 from nnfast.modules.rope import RotaryEmbedding
+from nnfast.modules.token_merge import TokenExpand, TokenMerge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attention",
+    "CrossAttention",
     "KVCache",
     "SelfAttention",
     "GatedMLP",
@@ -24,6 +26,8 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",
+    "TokenExpand",
+    "TokenMerge",
     "backend",
     "functional",
     "patch",

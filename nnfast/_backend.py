@@ -55,7 +55,10 @@ def triton_available_for(device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu":
         if interpreting():
             return True, ""
-        return False, "CPU tensors need TRITON_INTERPRET=1 (set before nnfast's kernels are imported)"
+        return (
+            False,
+            "CPU tensors need TRITON_INTERPRET=1 (set before nnfast's kernels are imported)",
+        )
     return False, f"no Triton backend for device type {device.type!r}"
 
 

@@ -27,7 +27,9 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor |
 def check_same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match"
+            )
 
 
 def check_param_dtype(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
@@ -46,14 +48,17 @@ def check_shape(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> No
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def normalized_size(x: torch.Tensor, normalized_shape, max_size: int) -> tuple[int, tuple[int, ...]]:
+def normalized_size(
+    x: torch.Tensor, normalized_shape, max_size: int
+) -> tuple[int, tuple[int, ...]]:
     """``(product, shape)`` of ``normalized_shape`` after checking the input's trailing dims."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)
-    if len(normalized_shape) == 0 or tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
+    if len(normalized_shape) == 0 or tuple(x.shape[-len(normalized_shape) :]) != normalized_shape:
         raise ValueError(
-            f"input's trailing dims {tuple(x.shape)} do not match normalized_shape {normalized_shape}"
+            f"input's trailing dims {tuple(x.shape)} do not match "
+            f"normalized_shape {normalized_shape}"
         )
     n = 1
     for s in normalized_shape:

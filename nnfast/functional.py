@@ -6,7 +6,6 @@ point and its reference take the same arguments, so the choice is one line.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -21,9 +20,29 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 def _impl(op: str, x: torch.Tensor):
-    """The module that implements ``op`` for tensors like ``x``: kernel or reference."""
-    package = "nnfast.kernels" if use_triton(x) else "nnfast.reference"
-    return importlib.import_module(f"{package}.{op}")
+    """The module that implements ``op`` for tensors like ``x``: kernel or reference.
+
+    Plain ``import`` statements, not ``importlib.import_module``: dynamo traces the former
+    (so ``torch.compile(fullgraph=True)`` sees no break) and refuses the latter. The kernels
+    are imported only once one is chosen, so ``import nnfast`` never needs triton.
+    """
+    if use_triton(x):
+        import nnfast.kernels.activation
+        import nnfast.kernels.attention
+        import nnfast.kernels.cross_entropy
+        import nnfast.kernels.norm
+        import nnfast.kernels.rope
+        import nnfast.kernels.token_merge  # noqa: F401
+
+        return getattr(nnfast.kernels, op)
+    import nnfast.reference.activation
+    import nnfast.reference.attention
+    import nnfast.reference.cross_entropy
+    import nnfast.reference.norm
+    import nnfast.reference.rope
+    import nnfast.reference.token_merge  # noqa: F401
+
+    return getattr(nnfast.reference, op)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -40,7 +59,8 @@ def _norm(x, normalized_shape, weight, bias, eps, rms, residual):
         C.check_same_dtype("input", x, residual=residual)
         C.check_shape("residual", residual, tuple(x.shape))
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        # As torch.nn.functional.rms_norm: the eps of the compute type (fp32 for fp16/bf16).
+        eps = torch.finfo(torch.float32).eps
     return _impl("norm", x).layer_norm(x, n, weight, bias, float(eps), rms, residual)
 
 
@@ -84,7 +104,9 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
     C.check_same_dtype("q", q, k=k)
     C.check_same_device("q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be 4-D (B, H, T, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must be 4-D (B, H, T, D); got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     B, _, T, D = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
         raise ValueError(f"k must be (B={B}, Hk, T={T}, D={D}); got {tuple(k.shape)}")
@@ -92,7 +114,8 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
         raise TypeError(f"cos and sin must be float32, got {cos.dtype} and {sin.dtype}")
     if cos.dim() != 2 or cos.shape != sin.shape:
         raise ValueError(
-            f"cos and sin must both be (max_seq_len, rotary_dim // 2); got {tuple(cos.shape)} and {tuple(sin.shape)}"
+            f"cos and sin must both be (max_seq_len, rotary_dim // 2); "
+            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > D or rotary_dim == 0:
@@ -101,10 +124,17 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
         if position_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"position_ids must be int32 or int64, got {position_ids.dtype}")
         if tuple(position_ids.shape) not in ((T,), (B, T)):
-            raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}); got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"position_ids must have shape ({T},) or ({B}, {T}); "
+                f"got {tuple(position_ids.shape)}"
+            )
     elif offset < 0 or offset + T > cos.shape[0]:
-        raise ValueError(f"positions offset={offset} .. {offset + T - 1} exceed the table's {cos.shape[0]} rows")
-    return _impl("rope", q).apply_rotary(q, k, cos, sin, position_ids, int(offset), bool(interleaved))
+        raise ValueError(
+            f"positions offset={offset} .. {offset + T - 1} exceed the table's {cos.shape[0]} rows"
+        )
+    return _impl("rope", q).apply_rotary(
+        q, k, cos, sin, position_ids, int(offset), bool(interleaved)
+    )
 
 
 # ----------------------------------------------------------------------------- gated MLP
@@ -127,6 +157,8 @@ def silu_mul(gate, up):
 
 def gelu_mul(gate, up, approximate="tanh"):
     """Gated GELU (T5 v1.1): ``gelu(gate) * up``."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     return _act(gate, up, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 
@@ -147,11 +179,15 @@ def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     C.check_same_device("query", query, key=key, value=value, attn_mask=attn_mask)
     B, Hq, Lq, D = query.shape
     if key.shape[0] != B or value.shape[0] != B:
-        raise ValueError(f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}")
+        raise ValueError(
+            f"batch sizes differ: query {B}, key {key.shape[0]}, value {value.shape[0]}"
+        )
     if key.shape[3] != D:
         raise ValueError(f"key's head dim {key.shape[3]} must equal query's {D}")
     if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in H and L")
+        raise ValueError(
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in H and L"
+        )
     if value.shape[3] != D:
         raise ValueError(f"value's head dim {value.shape[3]} must equal query's {D}")
     if D > MAX_HEAD_DIM or D < 1:
@@ -159,7 +195,9 @@ def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     Hk = key.shape[1]
     if Hk != Hq:
         if not enable_gqa:
-            raise ValueError(f"query has {Hq} heads but key/value {Hk}; pass enable_gqa=True for GQA")
+            raise ValueError(
+                f"query has {Hq} heads but key/value {Hk}; pass enable_gqa=True for GQA"
+            )
         if Hq % Hk:
             raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hk})")
     if attn_mask is not None:
@@ -173,7 +211,8 @@ def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
             ok = False
         if not ok:
             raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk) = {target}"
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                f"(B, H, Lq, Lk) = {target}"
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -215,7 +254,9 @@ def linear_cross_entropy(
     if target.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"target must be int32 or int64, got {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -223,3 +264,59 @@ def linear_cross_entropy(
     return _impl("cross_entropy", input).linear_cross_entropy(
         input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing)
     )
+
+
+
+# ----------------------------------------------------------------------------- token merging
+def _check_token_conv(x, weight, bias, k, expand: bool) -> tuple[int, int]:
+    """Shared checks of token_merge / token_expand; returns ``(k, C_out)``, ``k`` defaulting
+    to the weight's last dim."""
+    C.check_float("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, T, C), got shape {tuple(x.shape)}")
+    C.check_float("weight", weight)
+    C.check_same_device("x", x, weight=weight, bias=bias)
+    C.check_param_dtype("weight", weight, x)
+    C.check_param_dtype("bias", bias, x)
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be 3-D (a Conv1d-style weight), got {tuple(weight.shape)}")
+    if k is None:
+        k = weight.shape[2]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    # Conv1d's weight is (C_out, C_in, k), ConvTranspose1d's (C_in, C_out, k).
+    c_in_dim = 0 if expand else 1
+    if weight.shape[c_in_dim] != x.shape[2] or weight.shape[2] != k:
+        want = "(C_in, C_out, k)" if expand else "(C_out, C_in, k)"
+        raise ValueError(
+            f"weight must be {want} with C_in={x.shape[2]}, k={k}; got {tuple(weight.shape)}"
+        )
+    c_out = weight.shape[1 - c_in_dim]
+    C.check_shape("bias", bias, (c_out,))
+    return k, c_out
+
+
+def token_merge(x, weight, bias=None, k=None, causal=False):
+    """Merge each window of ``k`` tokens into one: ``(B, T, C_in) -> (B, ceil(T/k), C_out)``,
+    ``nn.Conv1d(C_in, C_out, k, stride=k)`` on the ``(B, T, C)`` layout (weight
+    ``(C_out, C_in, k)``, ``k`` defaults to its last dim); the tail is zero-padded.
+    ``causal=True`` shifts the sequence right by ``k - 1`` first, so merged token ``j`` sees
+    input tokens ``j*k - k + 1 .. j*k`` only (Hourglass Transformers); the exact contract is
+    in ``nnfast/reference/token_merge.py``."""
+    k, _ = _check_token_conv(x, weight, bias, k, expand=False)
+    return _impl("token_merge", x).token_merge(x, weight, bias, k, bool(causal))
+
+
+def token_expand(x, weight, bias=None, k=None, length=None):
+    """The inverse of ``token_merge``: each token becomes ``k`` tokens,
+    ``(B, T_m, C_in) -> (B, length, C_out)``, ``nn.ConvTranspose1d(C_in, C_out, k, stride=k)``
+    on the ``(B, T, C)`` layout (weight ``(C_in, C_out, k)``). ``length`` (default
+    ``T_m * k``) crops to the original sequence length. Output token ``t`` depends on input
+    token ``t // k`` only."""
+    k, _ = _check_token_conv(x, weight, bias, k, expand=True)
+    full = x.shape[1] * k
+    if length is not None and (
+        isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= full
+    ):
+        raise ValueError(f"length must be an integer in [0, {full}] (T_m * k), got {length!r}")
+    return _impl("token_merge", x).token_expand(x, weight, bias, k, length)

@@ -18,7 +18,11 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 def kernel_devices() -> list[str]:
     """Devices where the Triton kernels run in this session (CUDA, or CPU via the interpreter)."""
-    return [d for d in ("cpu", "cuda") if (d != "cuda" or CUDA) and triton_available_for(torch.device(d))[0]]
+    return [
+        d
+        for d in ("cpu", "cuda")
+        if (d != "cuda" or CUDA) and triton_available_for(torch.device(d))[0]
+    ]
 
 
 def kernel_dtypes(device: str) -> list[torch.dtype]:
@@ -30,9 +34,19 @@ def kernel_dtypes(device: str) -> list[torch.dtype]:
 
 def device_dtype_params() -> list:
     """``pytest.mark.parametrize("device,dtype", device_dtype_params())`` over kernel devices."""
-    params = [pytest.param(d, t, id=f"{d}-{str(t)[6:]}") for d in kernel_devices() for t in kernel_dtypes(d)]
+    params = [
+        pytest.param(d, t, id=f"{d}-{str(t)[6:]}")
+        for d in kernel_devices()
+        for t in kernel_dtypes(d)
+    ]
     if not params:
-        params = [pytest.param("cpu", torch.float32, marks=pytest.mark.skip(reason="Triton kernels cannot run here"))]
+        params = [
+            pytest.param(
+                "cpu",
+                torch.float32,
+                marks=pytest.mark.skip(reason="Triton kernels cannot run here"),
+            )
+        ]
     return params
 
 
@@ -54,7 +68,9 @@ def assert_close_lowp(
     reference's magnitude by default; low precision gets a floor of one ulp-ish of the
     magnitude so near-zero tensors do not demand exactness.
     """
-    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    assert out.shape == ref_fp32.shape, (
+        f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    )
     assert not torch.isnan(out).any(), f"{name}: output has NaN"
     scale = ref_fp32.abs().max().item() if ref_fp32.numel() else 0.0
     if floor is None:
@@ -63,7 +79,8 @@ def assert_close_lowp(
     torch_err = max_err(torch_lowp, ref_fp32)
     bound = factor * torch_err + floor
     assert kernel_err <= bound, (
-        f"{name}: kernel error {kernel_err:.3e} > {factor}x PyTorch's {torch_err:.3e} + floor {floor:.1e}"
+        f"{name}: kernel error {kernel_err:.3e} > {factor}x PyTorch's "
+        f"{torch_err:.3e} + floor {floor:.1e}"
     )
 
 

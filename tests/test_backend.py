@@ -23,7 +23,9 @@ def test_backend_values(monkeypatch):
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NNFAST_BACKEND")}
     full.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cpu_without_interpreter_uses_reference():
@@ -40,7 +42,10 @@ def test_cpu_without_interpreter_uses_reference():
 
 
 def test_forced_triton_on_plain_cpu_raises_clearly():
-    r = _run("import torch, nnfast; nnfast.functional.rms_norm(torch.randn(2, 4), (4,))", NNFAST_BACKEND="triton")
+    r = _run(
+        "import torch, nnfast; nnfast.functional.rms_norm(torch.randn(2, 4), (4,))",
+        NNFAST_BACKEND="triton",
+    )
     assert r.returncode != 0
     assert "TRITON_INTERPRET" in r.stderr
 

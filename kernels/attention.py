@@ -1,0 +1,668 @@
+"""Fused (flash) scaled dot-product attention: forward and backward in Triton.
+
+Layout (B, H, L, D); q has Hq heads, k/v have Hk (GQA: q head h reads kv head
+h // (Hq // Hk), never repeated in memory). One kernel family; the variants are constexpr
+flags: IS_CAUSAL (top-left aligned, query i sees keys j <= i), HAS_MASK + MASK_IS_BOOL
+(a bool or additive float mask read through broadcast strides, stride 0 on broadcast dims),
+HAS_DROPOUT (philox `tl.rand`, regenerated in the backward), STORE_DS (dS for dbias).
+
+Forward (per query block, looping over key blocks): online softmax in fp32 in base 2,
+with the softmax scale folded into ``scale * log2(e)`` so each score costs one multiply and
+one ``exp2``. Causal blocks fully above the diagonal are skipped; blocks fully in bounds and
+below the diagonal run without any score masking (stage 1), the rest with it (stage 2).
+The base-2 log-sum-exp of each row, ``lse2 = log2(sum_j 2^(s2_ij))`` with
+``s2 = log2(e) * (scale * q.k + bias)``, is kept (B, Hq, Lq) fp32 for the backward; a fully
+masked row stores ``+inf`` so that the backward's ``p = 2^(s2 - lse2)`` is exactly 0 there.
+
+Backward. With P = softmax(S), dropout keep mask Z and r = 1 / (1 - p_drop):
+    O = (P * Z * r) V,  dV = (P * Z * r)^T dO,  dP = (dO V^T) * Z * r,
+    dS = P * (dP - delta)  with  delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id,
+    dQ = scale * dS K,  dK = scale * dS^T Q,  dBias = dS (summed to the mask's shape).
+dK/dV: one program per key block, looping over the q heads of its GQA group and over query
+blocks; dQ (and dS) in a separate pass per query block looping over key blocks. Every
+gradient element is written by exactly one program: no atomics, bitwise deterministic.
+dBias (a float mask that requires grad, e.g. T5's learned bias): the dQ pass writes the full
+(B, Hq, Lq, Lk) fp32 dS -- 4 bytes per score, the N x N memory flash attention otherwise
+avoids, paid only then -- and torch sums it down to the mask's broadcast shape.
+
+Dropout: keep = philox(seed, b, h, i, j) >= p, the same formula in the forward, both backward
+passes and ``dropout_mask`` (which tests hand to the reference). The seed is drawn from
+torch's CPU generator, so ``torch.manual_seed`` makes a run reproducible.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from nnfast._backend import interpreting, warn_once
+
+LOG2E = math.log2(math.e)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _dropout_keep(seed, bh, qi, kj, Lk, dropout_p):
+    # Philox key = (seed, b * Hq + h), counter = i * Lk + j: a unique (key, counter) per
+    # (b, h, i, j) with 32-bit counters (``attention`` checks Lq * Lk < 2^31).
+    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
+    return tl.rand(key, qi * Lk + kj) >= dropout_p
+
+
+@triton.jit
+def _scores(
+    qk,  # (rows, cols) fp32: q . k for the tile, either orientation
+    qi,  # query indices broadcastable to qk's shape
+    kj,  # key indices broadcastable to qk's shape
+    mask_base,  # attn_mask pointer already offset to this (b, h)
+    stride_mm,
+    stride_mn,
+    Lq,
+    Lk,
+    scale_log2,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+):
+    """Scores in base 2 (log2(e) * (scale * qk + bias)), -inf where a key does not take part."""
+    s = qk * scale_log2
+    if HAS_MASK:
+        ptrs = mask_base + qi * stride_mm + kj * stride_mn
+        inb = (qi < Lq) & (kj < Lk)
+        if MASK_IS_BOOL:
+            s = tl.where(tl.load(ptrs, mask=inb, other=0) != 0, s, float("-inf"))
+        else:
+            s += tl.load(ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        ok = kj < Lk
+        if IS_CAUSAL:
+            ok = ok & (kj <= qi)
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q,
+    k_base, v_base, mask_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    offs_m, offs_n0, offs_d, d_ok,
+    lo, hi, Lq, Lk, scale_log2, dropout_p, seed, bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Lk
+        kT = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = _scores(tl.dot(q, kT, input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                    mask_base, stride_mm, stride_mn, Lq, Lk, scale_log2,
+                    MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every score -inf so far: subtract 0 instead of -inf (no inf - inf NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd(
+    Q,  # (B, Hq, Lq, D)
+    K,  # (B, Hk, Lk, D)
+    V,  # (B, Hk, Lk, D)
+    Mask,  # broadcast view (B, Hq, Lq, Lk), bool as uint8 or float; unused without HAS_MASK
+    Out,  # (B, Hq, Lq, D)
+    LSE,  # (B, Hq, Lq) fp32, base 2
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Lq, Lk,
+    GROUP,  # Hq // Hk
+    scale_log2,  # scale * log2(e)
+    dropout_p,
+    seed,
+    lq_bucket, lk_bucket,  # autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Stage 1: key blocks inside Lk and (causal) at or below every row of this block.
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        mid = (tl.minimum(Lk, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        mid = (Lk // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, offs_n0, offs_d, d_ok, 0, mid, Lq, Lk, scale_log2, dropout_p, seed, bh,
+        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, DOT_PREC)
+    # Stage 2: the diagonal and the tail, with bounds and causal masking.
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, mask_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, offs_n0, offs_d, d_ok, mid, hi, Lq, Lk, scale_log2, dropout_p, seed, bh,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_N, DOT_PREC)
+    empty = l_i == 0.0  # fully masked row: zero output, lse2 = +inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+             + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_delta(
+    Out,  # (B, Hq, Lq, D)
+    DO,  # (B, Hq, Lq, D)
+    Delta,  # (B, Hq, Lq) fp32
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    Hq, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
+                 + offs_d[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, mask_base,
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
+    offs_n, offs_m0, offs_d, d_ok,
+    lo, hi, Lq, Lk, scale_log2, dropout_p, seed, bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # Tiles are transposed, (BLOCK_N keys, BLOCK_M queries). Rows past Lq load lse = +inf and
+    # dO = 0, so their P and dS are exactly 0; key rows past Lk are never stored.
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < Lq
+        qT = tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
+                     mask=d_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        sT = _scores(tl.dot(k, qT, input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
+                     mask_base, stride_mm, stride_mn, Lq, Lk, scale_log2,
+                     MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+        pT = tl.math.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
+            r = 1.0 / (1.0 - dropout_p)
+            pdT = tl.where(keep, pT * r, 0.0)
+            dpT = tl.where(keep, dpT * r, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(
+    Q,  # (B, Hq, Lq, D)
+    K,  # (B, Hk, Lk, D)
+    V,  # (B, Hk, Lk, D)
+    Mask,  # broadcast view (B, Hq, Lq, Lk)
+    DO,  # (B, Hq, Lq, D)
+    LSE,  # (B, Hq, Lq) fp32
+    Delta,  # (B, Hq, Lq) fp32
+    DK,  # (B, Hk, Lk, D)
+    DV,  # (B, Hk, Lk, D)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Hk, Lq, Lk, GROUP, scale, scale_log2, dropout_p, seed,
+    lq_bucket, lk_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // Hk).to(tl.int64)
+    hk = (bhk % Hk).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        # Query rows before start_n see none of these keys; from `mid` on, all of them.
+        lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, Lq)
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, Lq)
+    else:
+        lo = 0
+        mid = 0
+    for g in range(GROUP):  # the q heads sharing this kv head, in a fixed order
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_gb + h * stride_gh
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + bh * Lq, Delta + bh * Lq, mask_base,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
+            offs_n, offs_m0, offs_d, d_ok, lo, mid, Lq, Lk, scale_log2, dropout_p, seed, bh,
+            True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + bh * Lq, Delta + bh * Lq, mask_base,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
+            offs_n, offs_m0, offs_d, d_ok, mid, Lq, Lq, Lk, scale_log2, dropout_p, seed, bh,
+            False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta,
+    k_base, v_base, mask_base, ds_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    offs_m, offs_n0, offs_d, d_ok,
+    lo, hi, Lq, Lk, scale_log2, dropout_p, seed, bh,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < Lk
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
+                    offs_n[None, :], mask_base, stride_mm, stride_mn, Lq, Lk, scale_log2,
+                    MASKED, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL)
+        p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if STORE_DS:
+            tl.store(ds_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :], ds,
+                     mask=(offs_m < Lq)[:, None] & n_ok[None, :])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq(
+    Q,  # (B, Hq, Lq, D)
+    K,  # (B, Hk, Lk, D)
+    V,  # (B, Hk, Lk, D)
+    Mask,  # broadcast view (B, Hq, Lq, Lk)
+    DO,  # (B, Hq, Lq, D)
+    LSE,  # (B, Hq, Lq) fp32
+    Delta,  # (B, Hq, Lq) fp32
+    DQ,  # (B, Hq, Lq, D)
+    DS,  # (B, Hq, Lq, Lk) fp32 contiguous, zero-filled; only with STORE_DS
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Lq, Lk, GROUP, scale, scale_log2, dropout_p, seed,
+    lq_bucket, lk_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < Lq
+    qd_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=qd_ok, other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
+                 + offs_d[None, :] * stride_gd, mask=qd_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    ds_base = DS + bh.to(tl.int64) * Lq * Lk
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        mid = (tl.minimum(Lk, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        mid = (Lk // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, offs_n0, offs_d, d_ok, 0, mid, Lq, Lk, scale_log2, dropout_p, seed, bh,
+        False, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, DOT_PREC)
+    dq = _dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        offs_m, offs_n0, offs_d, d_ok, mid, hi, Lq, Lk, scale_log2, dropout_p, seed, bh,
+        True, IS_CAUSAL, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, DOT_PREC)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(
+    Out,  # (B, Hq, Lq, Lk) int8, 1 = kept
+    Lq, Lk, seed, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
+    tl.store(Out + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :],
+             keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    # Under the interpreter one small config keeps CPU tests fast (autotuning would run every
+    # candidate); BLOCK_M != BLOCK_N there on purpose, to exercise the causal block logic.
+    if interpreting():
+        shapes = shapes[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+_KEY = ["lq_bucket", "lk_bucket", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs too big for shared memory at large head
+# dims fail to compile and are dropped by the autotuner.
+_FWD = _configs([(32, 16, 4, 1)] if interpreting() else [
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+    (64, 32, 4, 2), (16, 128, 4, 3), (16, 64, 4, 2)])
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # Decoding (a handful of queries) wastes most of a 64/128-row block: BLOCK_M = 16 configs
+    # are for short query lengths only, and only they are tried there.
+    lq = named_args.get("lq_bucket", kwargs.get("lq_bucket"))
+    if lq is None:
+        return configs
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)]
+    return kept or configs
+_DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
+    (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)])
+_DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
+_fwd_kernel = triton.autotune(_FWD, key=_KEY,
+                              prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
+_dkdv_kernel = triton.autotune(_DKDV, key=_KEY)(_attn_bwd_dkdv)
+_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"])(_attn_bwd_dq)
+
+
+def _mask_view(mask: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor):
+    """(tensor, strides, HAS_MASK, MASK_IS_BOOL): the mask expanded to (B, Hq, Lq, Lk) as a
+    view, so broadcast dims have stride 0 and nothing is copied."""
+    if mask is None:
+        return like, (0, 0, 0, 0), False, False
+    m = mask.expand(shape)
+    if m.dtype == torch.bool:
+        return m.view(torch.uint8), m.stride(), True, True
+    return m, m.stride(), True, False
+
+
+def _common(q, k, mask, seed, dropout_p, is_causal):
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    m, m_strides, has_mask, is_bool = _mask_view(mask, (B, Hq, Lq, Lk), q)
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=is_causal,
+        HAS_MASK=has_mask, MASK_IS_BOOL=is_bool, HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    buckets = (triton.next_power_of_2(Lq), triton.next_power_of_2(Lk))
+    seed_value = int(seed.item()) if seed is not None and dropout_p > 0.0 else 0
+    return m, m_strides, consts, buckets, seed_value
+
+
+def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
+    B, Hq, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    m, m_strides, consts, buckets, seed_value = _common(q, k, mask, seed, dropout_p, is_causal)
+    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)
+    _fwd_kernel[grid](
+        q, k, v, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
+        Hq, Lq, Lk, Hq // Hk, scale * LOG2E, dropout_p, seed_value, *buckets, **consts)
+    return out, lse
+
+
+def _bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, need_ds):
+    B, Hq, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    m, m_strides, consts, buckets, seed_value = _common(q, k, mask, seed, dropout_p, is_causal)
+    delta = torch.empty_like(lse)
+    block = 16 if interpreting() else 64
+    _attn_bwd_delta[(triton.cdiv(Lq, block), B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, Lq,
+        HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # dS for a float mask that requires grad: a full (B, Hq, Lq, Lk) fp32 tensor, i.e. the
+    # N x N memory the fused kernel otherwise avoids; only paid when the bias is learned.
+    shape = (B, Hq, Lq, Lk) if need_ds else (0,)
+    ds = torch.zeros(shape, dtype=torch.float32, device=q.device)
+    args = (Hq // Hk, scale, scale * LOG2E, dropout_p, seed_value, *buckets)
+    _dkdv_kernel[lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * Hk)](
+        q, k, v, m, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *dk.stride(), *dv.stride(), *m_strides, Hq, Hk, Lq, Lk, *args, **consts)
+    _dq_kernel[lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * Hq)](
+        q, k, v, m, do, lse, delta, dq, ds, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *dq.stride(), *m_strides, Hq, Lq, Lk, *args, STORE_DS=need_ds, **consts)
+    return dq, dk, dv, ds
+
+
+def dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, p: float,
+                 device: torch.device | str) -> torch.Tensor:
+    """The bool (B, H, Lq, Lk) keep mask (True = kept) that the kernels draw for ``seed``."""
+    out = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(Lq, 32), triton.cdiv(Lk, 32), B * H)
+    _dropout_mask_kernel[grid](out, Lq, Lk, int(seed), float(p), BLOCK_M=32, BLOCK_N=32)
+    return out.bool()
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("nnfast::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],  # noqa: UP045 (torch's schema inference wants Optional)
+    seed: Optional[torch.Tensor],  # noqa: UP045 (int64 (1,) on the CPU)
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, attn_mask, seed, dropout_p, is_causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, attn_mask, seed, dropout_p, is_causal, scale):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("nnfast::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],  # noqa: UP045
+    seed: Optional[torch.Tensor],  # noqa: UP045
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    need_ds: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(grad_out, q, k, v, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
+                need_ds)
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, attn_mask, seed, dropout_p, is_causal, scale, need_ds):
+    B, Hq, Lq, _ = q.shape
+    shape = (B, Hq, Lq, k.shape[2]) if need_ds else (0,)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, seed, dropout_p, is_causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+    ctx.args = (dropout_p, is_causal, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+    need_ds = bool(attn_mask is not None and attn_mask.dtype != torch.bool
+                   and ctx.needs_input_grad[3])
+    dq, dk, dv, ds = attention_bwd(grad_out, q, k, v, out, lse, attn_mask, seed, *ctx.args,
+                                   need_ds)
+    # dS summed over the mask's broadcast dims: a deterministic torch reduction.
+    dbias = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if need_ds else None
+    return dq, dk, dv, dbias, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry
+def draw_seed_tensor() -> torch.Tensor:
+    """The dropout seed, int64 (1,) on the CPU, from torch's default CPU generator: so
+    ``torch.manual_seed`` makes dropout reproducible (and a tensor, so torch.compile traces
+    it instead of breaking the graph on ``.item()``)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def draw_seed() -> int:
+    """The seed the next dropout call will use after the same ``torch.manual_seed``, for
+    ``dropout_mask(draw_seed(), ...)`` in tests."""
+    return int(draw_seed_tensor().item())
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Called by ``nnfast.functional.scaled_dot_product_attention`` after validation.
+
+    Without grad mode or inputs requiring grad, the custom op's autograd layer is bypassed:
+    nothing is saved and the log-sum-exp is dropped right away."""
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    why = None
+    if q.numel() == 0 or k.numel() == 0:
+        why = "empty inputs"
+    elif dropout_p > 0.0 and Lq * Lk >= 2**31:
+        why = "dropout with Lq * Lk >= 2^31 (32-bit philox counters)"
+    elif B * Hq > 65535:
+        why = "B * H > 65535 (grid limit)"
+    if why is not None:
+        from nnfast.reference.attention import attention as reference
+
+        warn_once(f"nnfast attention: {why} runs the PyTorch reference")
+        return reference(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    seed = draw_seed_tensor() if dropout_p > 0.0 else None
+    return attention_fwd(q, k, v, attn_mask, seed, dropout_p, is_causal, scale)[0]

@@ -1,0 +1,449 @@
+"""Training data: tokenizers, corpus sources, and random-window batches.
+
+Sources (``load_corpus``):
+
+* ``shakespeare``: Tiny Shakespeare, from ``$NNFAST_DATA_DIR/tinyshakespeare.txt`` when set,
+  else downloaded once into ``$NNFAST_CACHE_DIR`` (default ``~/.cache/nnfast``); sha256-checked.
+* ``pystdlib``: the embedded default. The ASCII ``.py`` files of this machine's Python standard
+  library in sorted order, capped at a few MB: no network, and a char vocabulary under 100.
+* ``auto``: Tiny Shakespeare when it is on this machine already, else ``pystdlib``.
+* a path: a text file, a folder of text files, or ``.bin`` token shards (nanoGPT's raw uint16
+  or llm.c's format with a 256-int32 header), memory-mapped.
+
+Tokenizers: ``char`` (built from the corpus, saved with the run as JSON), ``byte`` (256) and
+``gpt2`` (tiktoken BPE; respects ``TIKTOKEN_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILE = "tinyshakespeare.txt"
+PYSTDLIB_MAX_BYTES = 3_000_000
+SOURCES = ("auto", "shakespeare", "pystdlib")
+TOKENIZERS = ("auto", "char", "byte", "gpt2")
+LLMC_MAGIC = 20240520
+LLMC_HEADER_INTS = 256
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+
+
+class DataError(ValueError):
+    """A data source that cannot be used, with a message that says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class CharTokenizer:
+    """One id per distinct character of the corpus, in sorted order (nanoGPT's shakespeare_char)."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> np.ndarray:
+        # Vectorized: code points through a lookup table (a Python loop costs ~1 s per MB).
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        table = np.full(int(max(codes.max(initial=0), points.max(initial=0))) + 1, -1, np.int64)
+        table[codes] = np.arange(len(codes))
+        ids = table[points]
+        if (ids < 0).any():
+            bad = sorted({chr(p) for p in points[ids < 0][:1000]})
+            raise DataError(f"characters not in the char tokenizer's vocabulary: {bad[:10]!r}")
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids: works for any text, including text that is not valid UTF-8."""
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": "byte"}
+
+
+class GPT2Tokenizer:
+    """GPT-2's BPE through tiktoken (set ``TIKTOKEN_CACHE_DIR`` to work offline).
+
+    The BPE files load on first encode/decode, so training on pre-tokenized ``.bin``
+    shards needs no tiktoken files at all."""
+
+    kind = "gpt2"
+    vocab_size = 50257
+    eot = 50256  # <|endoftext|>
+
+    def __init__(self):
+        self._enc = None
+
+    @property
+    def enc(self):
+        if self._enc is None:
+            try:
+                import tiktoken
+
+                self._enc = tiktoken.get_encoding("gpt2")
+            except Exception as e:  # no tiktoken, or offline without its cache
+                raise DataError(
+                    f"could not load GPT-2's BPE through tiktoken ({e}); offline, point "
+                    "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached gpt2 files"
+                ) from e
+        return self._enc
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def to_dict(self) -> dict:
+        return {"kind": "gpt2"}
+
+
+Tokenizer = CharTokenizer | ByteTokenizer | GPT2Tokenizer
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    if d["kind"] == "char":
+        return CharTokenizer(d["chars"])
+    if d["kind"] == "byte":
+        return ByteTokenizer()
+    if d["kind"] == "gpt2":
+        return GPT2Tokenizer()
+    raise DataError(f"unknown tokenizer kind {d['kind']!r}; valid: char, byte, gpt2")
+
+
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(tok.to_dict(), f)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    with open(path, encoding="utf-8") as f:
+        return tokenizer_from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------- sources
+def cache_dir() -> Path:
+    return Path(os.environ.get("NNFAST_CACHE_DIR") or Path.home() / ".cache" / "nnfast")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        raise DataError(
+            f"sha256 mismatch for {path}: expected {expected}, got {got}. "
+            "The file is corrupt or not the expected corpus: delete it and retry."
+        )
+
+
+def _local_shakespeare() -> tuple[Path, str] | None:
+    """Tiny Shakespeare already on this machine, and where it was found."""
+    data_dir = os.environ.get("NNFAST_DATA_DIR")
+    if data_dir and (Path(data_dir) / SHAKESPEARE_FILE).is_file():
+        return Path(data_dir) / SHAKESPEARE_FILE, "from $NNFAST_DATA_DIR"
+    cached = cache_dir() / SHAKESPEARE_FILE
+    if cached.is_file():
+        return cached, f"from the cache {cache_dir()}"
+    return None
+
+
+def shakespeare_path() -> tuple[Path, str]:
+    """The checked Tiny Shakespeare file, downloading it on first use; and why it is that one."""
+    found = _local_shakespeare()
+    if found is None:
+        dest = cache_dir() / SHAKESPEARE_FILE
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # several ranks may download
+        try:
+            urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
+            check_sha256(tmp, SHAKESPEARE_SHA256)
+        except (OSError, DataError) as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, DataError):
+                raise
+            raise DataError(
+                f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}). Put the file "
+                f"at {dest} or $NNFAST_DATA_DIR/{SHAKESPEARE_FILE}, or use --data pystdlib."
+            ) from e
+        os.replace(tmp, dest)  # atomic: a reader never sees half a file
+        found = dest, f"downloaded into {cache_dir()}"
+    check_sha256(found[0], SHAKESPEARE_SHA256)
+    return found
+
+
+def pystdlib_text(max_bytes: int = PYSTDLIB_MAX_BYTES) -> tuple[str, int]:
+    """The embedded corpus: ASCII ``.py`` files of the standard library, sorted by path.
+
+    Tests, site-packages and bundled copies are skipped; each file is prefixed by its path.
+    Returns the text and the number of files in it.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        paths += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    paths.sort(key=lambda p: p.relative_to(root).as_posix())
+    parts, size = [], 0
+    for p in paths:
+        try:
+            text = p.read_bytes().decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            continue
+        part = f"# file: {p.relative_to(root).as_posix()}\n{text}\n"
+        parts.append(part)
+        size += len(part)
+        if size >= max_bytes:
+            break
+    if not parts:
+        raise DataError(f"no readable .py files under {root}; pass --data PATH to a text file")
+    return "".join(parts)[:max_bytes], len(parts)
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if not data:
+        raise DataError(f"{path} is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+            "use --tokenizer byte to train on its raw bytes"
+        ) from e
+
+
+def read_bin(path: Path) -> np.ndarray:
+    """Token ids of one shard, memory-mapped: llm.c's format (header) or nanoGPT's raw uint16."""
+    nbytes = path.stat().st_size
+    if nbytes == 0:
+        raise DataError(f"{path} is empty")
+    header = np.fromfile(path, dtype=np.int32, count=min(LLMC_HEADER_INTS, nbytes // 4))
+    if header.size and header[0] == LLMC_MAGIC:
+        if header.size < LLMC_HEADER_INTS:
+            raise DataError(f"{path}: llm.c header truncated")
+        version, ntok = int(header[1]), int(header[2])
+        # llm.c: version 1 holds GPT-2 uint16 ids, version 2 holds Llama-3 uint32 ids.
+        dtype = {1: np.uint16, 2: np.uint32}.get(version)
+        if dtype is None:
+            raise DataError(f"{path}: unsupported llm.c shard version {version} (want 1 or 2)")
+        offset = LLMC_HEADER_INTS * 4
+        if nbytes != offset + ntok * np.dtype(dtype).itemsize:
+            raise DataError(f"{path}: header says {ntok} tokens, file size disagrees")
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(ntok,))
+    if nbytes % 2:
+        raise DataError(f"{path}: odd size; not a uint16 token file (nor llm.c's format)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+# ----------------------------------------------------------------------------- corpus
+@dataclass
+class Corpus:
+    """Token ids split into train and val, each a list of 1-D arrays (shards)."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    tokenizer: Tokenizer
+    description: str  # the one line that says which corpus and why
+
+
+def _split(ids: np.ndarray, val_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    n_val = int(len(ids) * val_fraction)
+    return [ids[: len(ids) - n_val]], ([ids[len(ids) - n_val :]] if n_val else [])
+
+
+def _make_tokenizer(name: str, text: str | None, saved: Tokenizer | None) -> Tokenizer:
+    if saved is not None:
+        return saved
+    if name in ("auto", "char"):
+        return CharTokenizer.from_text(text)
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    raise DataError(f"unknown tokenizer {name!r}; valid: {', '.join(TOKENIZERS)}")
+
+
+def _text_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"no text files ({', '.join(TEXT_SUFFIXES)}) or .bin shards in {folder}")
+    return files
+
+
+def load_corpus(
+    source: str = "auto",
+    tokenizer: str = "auto",
+    val_fraction: float = 0.1,
+    saved_tokenizer: Tokenizer | None = None,
+) -> Corpus:
+    """Resolve ``source`` to token ids. ``saved_tokenizer`` (from a run being resumed) wins
+    over ``tokenizer`` so that ids mean the same thing before and after the resume."""
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
+    path = Path(os.path.expanduser(source))
+    if source in SOURCES:
+        if source == "auto":
+            local = _local_shakespeare()
+            source = "shakespeare" if local else "pystdlib"
+        if source == "shakespeare":
+            file, why = shakespeare_path()
+            text, desc = read_text(file), f"shakespeare {why} ({file})"
+        else:
+            text, nfiles = pystdlib_text()
+            desc = (
+                f"pystdlib (embedded default; no download needed): {nfiles} standard-library "
+                f"files, {len(text):,} characters"
+            )
+    elif path.is_dir() and sorted(path.glob("*.bin")):
+        return _load_shards(sorted(path.glob("*.bin")), tokenizer, val_fraction, saved_tokenizer)
+    elif path.is_file() and path.suffix == ".bin":
+        return _load_shards([path], tokenizer, val_fraction, saved_tokenizer)
+    elif path.is_dir():
+        files = _text_files(path)
+        texts = []
+        for f in files:
+            if tokenizer == "byte" and f.stat().st_size:
+                texts.append(f.read_bytes().decode("utf-8", errors="surrogateescape"))
+            else:
+                texts.append(read_text(f))
+        text, desc = "\n".join(texts), f"{len(files)} text files in {path}"
+    elif path.is_file():
+        if tokenizer == "byte" or getattr(saved_tokenizer, "kind", None) == "byte":
+            raw = path.read_bytes()
+            if not raw:
+                raise DataError(f"{path} is empty")
+            tok = ByteTokenizer()
+            train, val = _split(tok.encode(raw), val_fraction)
+            return Corpus(train, val, tok, f"{path} (raw bytes)")
+        text, desc = read_text(path), f"text file {path}"
+    else:
+        raise DataError(
+            f"unknown data source {source!r}: not a file or folder. Valid names: "
+            f"{', '.join(SOURCES)}; or a path to a text file, a folder, or .bin shards"
+        )
+    if not text:
+        raise DataError(f"the corpus {desc} is empty")
+    tok = _make_tokenizer(tokenizer, text, saved_tokenizer)
+    if isinstance(tok, ByteTokenizer):
+        ids = tok.encode(text.encode("utf-8", errors="surrogateescape"))
+    else:
+        ids = tok.encode(text)
+    train, val = _split(ids, val_fraction)
+    return Corpus(train, val, tok, f"{desc}; {tok.kind} tokenizer, {len(ids):,} tokens")
+
+
+def _load_shards(files, tokenizer, val_fraction, saved_tokenizer) -> Corpus:
+    """llm.c names shards ``*_val_*.bin`` / ``*_train_*.bin``: use that split when present."""
+    arrays = {f: read_bin(f) for f in files}
+    val = [a for f, a in arrays.items() if "val" in f.stem]
+    train = [a for f, a in arrays.items() if "val" not in f.stem]
+    if not train:
+        raise DataError(f"only validation shards among {[str(f) for f in files]}")
+    if not val:  # one split from the last shard
+        train_last, val = _split(train[-1], val_fraction)
+        train = train[:-1] + train_last
+    if tokenizer not in ("auto", "gpt2") and saved_tokenizer is None:
+        raise DataError(".bin shards hold GPT-2 token ids: use --tokenizer gpt2 (or auto)")
+    tok = saved_tokenizer or GPT2Tokenizer()
+    ntok = sum(len(a) for a in train + val)
+    where = files[0].parent if len(files) > 1 else files[0]
+    return Corpus(train, val, tok, f"{len(files)} token shard(s) in {where}; {ntok:,} tokens")
+
+
+# ----------------------------------------------------------------------------- batches
+class Batches:
+    """Random windows of ``block_size + 1`` tokens: ``x`` and ``y`` shifted by one.
+
+    Windows are drawn uniformly over every valid start across shards, with a
+    ``torch.Generator`` whose state a checkpoint can save and restore.
+    """
+
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        block_size: int,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        name: str = "train split",
+    ):
+        shards = [s for s in shards if len(s) > block_size]
+        if not shards:
+            raise DataError(
+                f"the {name} is shorter than block_size + 1 = {block_size + 1} tokens: "
+                "use a longer corpus or a smaller --block_size"
+            )
+        self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
+        self.device = torch.device(device)
+        # Valid starts per shard: 0 .. len - block_size - 1.
+        self.starts = np.cumsum([0] + [len(s) - block_size for s in shards])
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        picks = torch.randint(len(self), (self.batch_size,), generator=self.generator).numpy()
+        shard = np.searchsorted(self.starts, picks, side="right") - 1
+        rows = [
+            self.shards[s][i - self.starts[s] : i - self.starts[s] + T + 1]
+            for s, i in zip(shard, picks)
+        ]
+        xy = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if self.device.type == "cuda":
+            # Pinned host memory lets the copy overlap with the previous step's kernels.
+            x, y = x.pin_memory(), y.pin_memory()
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.contiguous(), y.contiguous()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

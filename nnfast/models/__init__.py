@@ -1,0 +1,63 @@
+"""Architectures assembled from nnfast's modules, created by name:
+
+    model = nnfast.models.create("gpt2", preset="gpt2-124m", dropout=0.1)
+    nnfast.models.list_models()  # {"gpt2": ["gpt2-124m", ...], "llama2": [...]}
+
+A new family plugs in with ``register(name, config_cls, model_cls, presets)``.
+"""
+
+from nnfast.models.classic import (
+    BIGRAM_PRESETS,
+    MLP_PRESETS,
+    MLPLM,
+    RESMLP_PRESETS,
+    WAVENET_PRESETS,
+    Bigram,
+    BigramConfig,
+    MLPConfig,
+    ResMLP,
+    ResMLPConfig,
+    WaveNet,
+    WaveNetConfig,
+)
+from nnfast.models.decoder import Decoder, DecoderConfig, sample
+from nnfast.models.flops import peak_flops
+from nnfast.models.hf import load_gpt2_hf
+from nnfast.models.presets import GPT2_PRESETS, LLAMA2_PRESETS
+from nnfast.models.registry import (
+    create,
+    field_types,
+    list_models,
+    make_config,
+    parse_overrides,
+    register,
+)
+
+register("gpt2", DecoderConfig, Decoder, GPT2_PRESETS, default_preset="gpt2-124m")
+register("llama2", DecoderConfig, Decoder, LLAMA2_PRESETS, default_preset="llama2-124m")
+register("bigram", BigramConfig, Bigram, BIGRAM_PRESETS, default_preset="shakespeare-char")
+register("mlp", MLPConfig, MLPLM, MLP_PRESETS, default_preset="shakespeare-char")
+register("wavenet", WaveNetConfig, WaveNet, WAVENET_PRESETS, default_preset="shakespeare-char")
+register("resmlp", ResMLPConfig, ResMLP, RESMLP_PRESETS, default_preset="shakespeare-char")
+
+__all__ = [
+    "Bigram",
+    "BigramConfig",
+    "Decoder",
+    "DecoderConfig",
+    "create",
+    "field_types",
+    "list_models",
+    "load_gpt2_hf",
+    "MLPConfig",
+    "MLPLM",
+    "make_config",
+    "parse_overrides",
+    "peak_flops",
+    "register",
+    "ResMLP",
+    "ResMLPConfig",
+    "sample",
+    "WaveNet",
+    "WaveNetConfig",
+]

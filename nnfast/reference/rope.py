@@ -1,0 +1,77 @@
+"""Rotary position embedding (RoPE) in plain PyTorch: the CPU path, the test oracle and
+the benchmark baseline for ``nnfast.kernels.rope``.
+
+Layout: q ``(B, H, T, D)``, k ``(B, Hk, T, D)``; ``cos``/``sin`` float32
+``(max_seq_len, rotary_dim // 2)``. Only the first ``rotary_dim`` channels of a head rotate.
+Channel pair i (``i < rotary_dim // 2``) is rotated by the angle ``pos * theta_i`` with
+``theta_i = base ** (-2i / rotary_dim)``:
+
+* half-split (GPT-NeoX / Hugging Face): the pair is ``(x[i], x[i + rotary_dim // 2])``;
+* interleaved (Meta's Llama): the pair is ``(x[2i], x[2i + 1])``.
+
+``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary_cos_sin(
+    max_seq_len: int, rotary_dim: int, base: float = 10000.0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(cos, sin)`` tables of shape ``(max_seq_len, rotary_dim // 2)``.
+
+    The angles are formed in float64: at position 10^5 an fp32 angle is off by ~4e-3 rad
+    (its ulp), which would be an error far above fp16's in the rotated values.
+    """
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    i = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device)
+    theta = base ** (-i / rotary_dim)  # (rotary_dim // 2,)
+    pos = torch.arange(max_seq_len, dtype=torch.float64, device=device)
+    angles = torch.outer(pos, theta)  # (max_seq_len, rotary_dim // 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _gather(table: torch.Tensor, position_ids: torch.Tensor | None, offset: int, T: int):
+    """The table's rows for each token, shaped to broadcast against ``(B, H, T, R/2)``."""
+    if position_ids is None:
+        return table[offset : offset + T][None, None]  # (1, 1, T, R/2)
+    rows = table[position_ids.long()]  # (T, R/2) or (B, T, R/2)
+    return rows[None, None] if position_ids.dim() == 1 else rows[:, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    half = cos.shape[-1]
+    xf = x.float()
+    rot, rest = xf[..., : 2 * half], xf[..., 2 * half :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    y1 = x1 * cos - x2 * sin
+    y2 = x2 * cos + x1 * sin
+    if interleaved:
+        y = torch.stack((y1, y2), dim=-1).flatten(-2)  # (..., half, 2) -> (..., 2 * half)
+    else:
+        y = torch.cat((y1, y2), dim=-1)
+    return torch.cat((y, rest), dim=-1).to(x.dtype)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offset: int,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k (computed in fp32, returned in the input dtype)."""
+    T = q.shape[2]
+    c = _gather(cos, position_ids, offset, T)
+    s = _gather(sin, position_ids, offset, T)
+    return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
