@@ -8,6 +8,14 @@ the warmup + cosine schedule. Checkpoints hold everything a resumed run needs to
 exactly as if it had never stopped: model, optimizer, schedule, step, every RNG state, and
 each rank's data-sampler state. They are written to a temporary file and renamed, and the
 ``latest`` pointer moves only after that rename, so a crash mid-save never loses a run.
+
+Models plug in through optional hooks, so every family trains through the same loop:
+``prepare_batch(x, y) -> dict`` turns a window of token ids into ``forward``'s keyword
+arguments (MLM masking, span corruption, a generated seq2seq task; torch's global RNG, which
+checkpoints restore); ``metrics(**batch) -> dict`` adds validation metrics (accuracy);
+``demo(tokenizer) -> str`` replaces the final LM sample; ``maybe_grow(step) -> bool`` grows
+the model (the optimizer is rebuilt) and ``optim_groups(weight_decay)`` sets its parameter
+groups.
 """
 
 from __future__ import annotations
@@ -124,13 +132,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    # Decay matrices (matmuls, embeddings) only: decaying norm gains and biases toward 0
-    # fights the normalization and buys nothing (GPT-3, nanoGPT).
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    if hasattr(model, "optim_groups"):  # e.g. a frozen or slower shared base
+        groups = model.optim_groups(cfg.weight_decay, lr=cfg.lr)
+    else:
+        # Decay matrices (matmuls, embeddings) only: decaying norm gains and biases toward 0
+        # fights the normalization and buys nothing (GPT-3, nanoGPT).
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -214,7 +225,8 @@ def train(
     given: set[str] | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Train; returns ``{"losses": [loss per step run here], "val_loss", "sample", "model"}``.
+    """Train; returns ``{"losses": [loss per step run here], "val_loss", "val_metrics",
+    "sample", "model"}``.
 
     ``given``: the fields set on the command line; on resume the others are the checkpoint's
     (None: all of ``cfg`` counts as given)."""
@@ -256,6 +268,8 @@ def train(
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = models.create(cfg.model, cfg.preset, **overrides).to(device)
+    if ckpt is not None:  # before the optimizer: a model that grew must grow again first
+        raw_model.load_state_dict(ckpt["model_state"])
     mc = raw_model.config
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -275,7 +289,6 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -288,13 +301,21 @@ def train(
             log(f"resume: world size {len(ranks)} -> {world}; data streams re-seeded")
             train_batches.generator.manual_seed(data_seed + start)
 
-    model = raw_model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:
+        if cfg.compile:
+            m = torch.compile(m)
+        if world > 1:
+            m = torch.nn.parallel.DistributedDataParallel(
+                m, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        return m
+
+    model = wrap(raw_model)
+
+    def batch_kwargs(x: torch.Tensor, y: torch.Tensor) -> dict:
+        if hasattr(raw_model, "prepare_batch"):
+            return raw_model.prepare_batch(x, y)
+        return {"idx": x, "targets": y}
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     )
@@ -306,19 +327,32 @@ def train(
     if master:
         _truncate_metrics(metrics, start)
 
-    def evaluate() -> float:
+    def evaluate() -> tuple[float, dict[str, float]]:
+        """Validation loss and the model's own metrics, on the same batches every time."""
         model.eval()
-        val_batches.generator.manual_seed(data_seed)  # the same batches at every eval
+        val_batches.generator.manual_seed(data_seed)
         total = torch.zeros((), device=device)
-        with torch.no_grad():
+        extra: dict[str, float] = {}
+        devices = [device] if device.type == "cuda" else []
+        # prepare_batch may draw from the global RNG: fork it so evaluating never changes
+        # the training run (resume stays exact) and every eval sees the same masks.
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)
             for _ in range(cfg.eval_steps):
-                x, y = val_batches.next()
+                kw = batch_kwargs(*val_batches.next())
                 with autocast:
-                    total += model(x, y)[1].float()
+                    total += model(**kw)[1].float()
+                    if hasattr(raw_model, "metrics"):
+                        for k, v in raw_model.metrics(**kw).items():
+                            extra[k] = extra.get(k, 0.0) + float(v) / cfg.eval_steps
         model.train()
         if world > 1:
             dist.all_reduce(total)
-        return total.item() / (cfg.eval_steps * world)
+            for k in sorted(extra):
+                t = torch.tensor(extra[k], device=device)
+                dist.all_reduce(t)
+                extra[k] = t.item() / world
+        return total.item() / (cfg.eval_steps * world), extra
 
     def checkpoint(step: int) -> None:
         mine = {"rng": _rng_state(), "data": train_batches.state_dict()}
@@ -346,7 +380,7 @@ def train(
     peak = models.peak_flops(device)
     flops_per_token = raw_model.estimate_flops_per_token(mc.block_size) if peak else None
     save_every = cfg.save_interval or cfg.eval_interval
-    losses, val_loss = [], None
+    losses, val_loss, val_metrics = [], None, {}
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -358,12 +392,25 @@ def train(
     model.train()
     t0 = time.perf_counter()
     for step in range(start + 1, cfg.max_steps + 1):  # `step` = optimizer steps done after it
+        if hasattr(raw_model, "maybe_grow") and raw_model.maybe_grow(step - 1):
+            # New parameters: a new optimizer (and wrappers) over them, same schedule position.
+            optimizer = make_optimizer(raw_model, cfg, device)
+            for g in optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+            # Constructing with last_epoch=step-2 steps once: lr = lr_factor(step - 1), as if
+            # this optimizer had been stepped along from the start.
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_factor(s, cfg), last_epoch=step - 2
+            )
+            model = wrap(raw_model)
+            n_params = sum(p.numel() for p in raw_model.parameters())
+            log(f"step {step - 1}: model grew to {n_params / 1e6:.2f}M parameters")
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            x, y = train_batches.next()
+            kw = batch_kwargs(*train_batches.next())
             sync = micro == cfg.grad_accum - 1 or world == 1
             with contextlib.nullcontext() if sync else model.no_sync(), autocast:
-                loss = model(x, y)[1]
+                loss = model(**kw)[1]
             loss_sum += loss.detach().float()
             scaler.scale(loss / cfg.grad_accum).backward()
         if world > 1:
@@ -376,9 +423,10 @@ def train(
                 f"loss is {loss_val} at step {step}; stopping. Try a lower --lr or --grad_clip"
                 + (f"; the last good checkpoint is {last}" if last else "")
             )
-        if cfg.grad_clip > 0:
+        trainable = [p for p in raw_model.parameters() if p.requires_grad]
+        if cfg.grad_clip > 0 and trainable:  # a counting model has nothing to clip
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -398,10 +446,13 @@ def train(
                 post["mfu"] = f"{100 * mfu:.1f}%"
             bar.set_postfix(post, refresh=False)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val_loss = evaluate()
-            write({"step": step, "val_loss": val_loss})
+            val_loss, val_metrics = evaluate()
+            write({"step": step, "val_loss": val_loss, **val_metrics})
             if master:
-                bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}")
+                shown = "".join(f", {k} {v:.4f}" for k, v in val_metrics.items())
+                bar.write(
+                    f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}{shown}"
+                )
         if step % save_every == 0 or step == cfg.max_steps:
             checkpoint(step)
             if master:
@@ -420,7 +471,8 @@ def train(
             log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
     if world > 1:
         dist.barrier()
-    return {"losses": losses, "val_loss": val_loss, "sample": text, "model": raw_model}
+    return {"losses": losses, "val_loss": val_loss, "val_metrics": val_metrics, "sample": text,
+            "model": raw_model}
 
 
 def _check_resume(ckpt: dict, cfg: TrainConfig, overrides: dict, given: set[str]) -> None:
@@ -446,6 +498,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _sample(model, tokenizer, cfg: TrainConfig, device, autocast) -> str:
+    if hasattr(model, "demo"):  # encoders and seq2seq models show their own task
+        with autocast:
+            return model.demo(tokenizer)
     ids = []
     if cfg.prompt and isinstance(tokenizer, D.CharTokenizer):
         ids = [tokenizer.stoi[c] for c in cfg.prompt if c in tokenizer.stoi]

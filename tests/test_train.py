@@ -139,6 +139,20 @@ def test_resume_matches_uninterrupted(corpus, tmp_path, torch_backend):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+def test_growth_hook_and_resume_across_growth(corpus, tmp_path, torch_backend):
+    """progressive-gpt grows at steps 2 and 4 (2 -> 4 -> 8 layers): the trainer rebuilds the
+    optimizer there, and a run split at step 3 (between growths) resumes exactly."""
+    common = dict(model="progressive-gpt", n_layer=2, grow_at="2,4", save_interval=3,
+                  lr_decay_steps=6)
+    full = run(base_args(corpus, tmp_path / "full", max_steps=6, **common))
+    assert len(full["model"].blocks) == 8
+    first = run(base_args(corpus, tmp_path / "split", max_steps=3, **common))
+    assert len(first["model"].blocks) == 4
+    second = run(base_args(corpus, tmp_path / "split", max_steps=6, **common), resume=True)
+    assert first["losses"] + second["losses"] == full["losses"]
+    assert_same_weights(second["model"], full["model"])
+
+
 def test_kill_during_save_keeps_latest(corpus, tmp_path, torch_backend, monkeypatch):
     out = tmp_path / "run"
     real_save, calls = torch.save, []

@@ -20,10 +20,16 @@ from nnfast.models.classic import (
     WaveNet,
     WaveNetConfig,
 )
+from nnfast.models.conv_transformer import (
+    CONV_TRANSFORMER_PRESETS,
+    ConvTransformer,
+    ConvTransformerConfig,
+)
 from nnfast.models.decoder import Decoder, DecoderConfig, sample
 from nnfast.models.flops import peak_flops
 from nnfast.models.hf import load_gpt2_hf
 from nnfast.models.presets import GPT2_PRESETS, LLAMA2_PRESETS
+from nnfast.models.progressive import PROGRESSIVE_PRESETS, ProgressiveConfig, ProgressiveGPT
 from nnfast.models.registry import (
     create,
     field_types,
@@ -39,10 +45,16 @@ register("bigram", BigramConfig, Bigram, BIGRAM_PRESETS, default_preset="shakesp
 register("mlp", MLPConfig, MLPLM, MLP_PRESETS, default_preset="shakespeare-char")
 register("wavenet", WaveNetConfig, WaveNet, WAVENET_PRESETS, default_preset="shakespeare-char")
 register("resmlp", ResMLPConfig, ResMLP, RESMLP_PRESETS, default_preset="shakespeare-char")
+register("conv-transformer", ConvTransformerConfig, ConvTransformer, CONV_TRANSFORMER_PRESETS,
+         default_preset="shakespeare-char")
+register("progressive-gpt", ProgressiveConfig, ProgressiveGPT, PROGRESSIVE_PRESETS,
+         default_preset="shakespeare-char")
 
 __all__ = [
     "Bigram",
     "BigramConfig",
+    "ConvTransformer",
+    "ConvTransformerConfig",
     "Decoder",
     "DecoderConfig",
     "create",
@@ -54,6 +66,8 @@ __all__ = [
     "make_config",
     "parse_overrides",
     "peak_flops",
+    "ProgressiveConfig",
+    "ProgressiveGPT",
     "register",
     "ResMLP",
     "ResMLPConfig",

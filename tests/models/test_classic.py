@@ -321,7 +321,7 @@ def test_cli_trains_wavenet(corpus, tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:`parameters` is an empty generator")
 def test_trainer_fills_count_bigram(corpus, tmp_path):
     argv = _train_args(corpus, tmp_path / "count", "bigram", "count", 3)
-    cfg, overrides, resume, given = T.parse_args(argv)
+    cfg, overrides, resume, given = cli.parse_args(argv)
     res = T.train(cfg, overrides, resume, given, show_progress=False)
     m = res["model"]
     assert m.num_params() == 0
