@@ -35,7 +35,10 @@ def load(path: Path) -> list[dict]:
     for b in data["benchmarks"]:
         info = dict(b.get("extra_info", {}))
         ms = info.get("cuda_event_ms", b["stats"]["median"] * 1e3)
-        rows.append({"name": b["name"], "ms": ms, **info})
+        # None marks "not applicable here" (e.g. MFU on a CPU): drop it from the table.
+        rows.append(
+            {"name": b["name"], "ms": ms, **{k: v for k, v in info.items() if v is not None}}
+        )
     return rows
 
 

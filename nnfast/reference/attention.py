@@ -1,16 +1,31 @@
 """Scaled dot-product attention in plain PyTorch: the CPU path, the test oracle and the
 benchmark baseline for ``nnfast.kernels.attention``.
 
-The math runs in fp32 whatever the input dtype and materializes the (B, H, Lq, Lk) score
-matrix, which is what the fused kernel avoids. Semantics follow
+The math runs in fp32 whatever the input dtype (fp16/bf16 are upcast). Semantics follow
 ``torch.nn.functional.scaled_dot_product_attention`` except for one deliberate difference:
 a query row with no key to attend to (fully masked) gives zeros and zero gradients, where
 PyTorch gives NaN.
+
+Two implementations of the same math:
+
+* ``_explicit``: materializes the (B, H, Lq, Lk) scores, the written-out oracle. Used on
+  GPUs (where the kernel's tests and benchmarks compare against it), with dropout (the
+  caller's ``dropout_mask`` must be applied, or one drawn from torch's RNG as the kernel
+  draws its own), and for empty inputs.
+* ``_fused``: ``F.scaled_dot_product_attention`` on CPU, where PyTorch's flash kernel for
+  CPU makes the reference path as fast as plain PyTorch. Fully masked rows are made
+  NaN-free before the call (see there).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the compute; fp32 (and fp64) tensors are used without a copy."""
+    return t.float() if t.element_size() < 4 else t
 
 
 def _expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
@@ -39,16 +54,61 @@ def attention(
     ``dropout_mask``: bool ``(B, Hq, Lq, Lk)``, True = kept; drawn from torch's RNG when
     ``dropout_p > 0`` and none is given. Kept probabilities are scaled by ``1 / (1 - p)``.
     """
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    kf = _expand_kv(k, Hq).float()
-    vf = _expand_kv(v, Hq).float()
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
+    fused = (
+        q.device.type == "cpu"
+        and dropout_p == 0.0
+        and dropout_mask is None
+        and not (is_causal and attn_mask is not None)
+        and q.numel() > 0
+        and k.numel() > 0
+    )
+    if fused:
+        return _fused(q, k, v, attn_mask, is_causal, scale)
+    return _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask)
+
+
+def _fused(q, k, v, attn_mask, is_causal, scale):
+    """``F.scaled_dot_product_attention`` in fp32 with zeros for rows that see no key.
+
+    Causal rows always see key 0. With a mask, a row with no allowed key (all False, or all
+    -inf) would give NaN: such rows get an allow-all mask instead (finite, harmless), and
+    the output is multiplied by the row's 0/1 validity, so their output and every gradient
+    through them are exactly 0 (and the mask's gradient there is 0: ``torch.where`` passes
+    none to the replaced entries)."""
+    qf, kf, vf = _fp32(q), _fp32(k), _fp32(v)
+    valid = None
+    if attn_mask is not None:
+        if attn_mask.dim() < 2:  # SDPA's CPU kernel wants at least (Lq or 1, Lk)
+            attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + attn_mask.shape)
+        if attn_mask.dtype == torch.bool:
+            valid = attn_mask.any(dim=-1, keepdim=True)  # (..., Lq or 1, 1)
+            attn_mask = attn_mask | ~valid
+        else:
+            m = _fp32(attn_mask)
+            if m.dtype != qf.dtype:  # e.g. an fp32 mask next to fp64 inputs
+                m = m.to(qf.dtype)
+            valid = (m.detach() > float("-inf")).any(dim=-1, keepdim=True)
+            attn_mask = torch.where(valid, m, torch.zeros((), dtype=m.dtype, device=m.device))
+    out = F.scaled_dot_product_attention(
+        qf, kf, vf, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )  # (B, Hq, Lq, D)
+    if valid is not None:
+        out = out * valid.to(out.dtype)
+    return out.to(q.dtype)
+
+
+def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask):
+    """The math written out, materializing the (B, Hq, Lq, Lk) scores."""
+    Hq, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    kf = _fp32(_expand_kv(k, Hq))
+    vf = _fp32(_expand_kv(v, Hq))
+    s = torch.matmul(_fp32(q), kf.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
         else:
-            s = s + attn_mask.float()
+            s = s + _fp32(attn_mask)
     if is_causal:
         keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))

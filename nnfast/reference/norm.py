@@ -4,11 +4,23 @@ baseline for ``nnfast.kernels.norm``.
 Statistics and the affine step run in fp32 and only the result is rounded to the
 input's dtype, as PyTorch's own fused kernels do; the residual sum ``s`` is rounded to
 the input's dtype first (it is what the next block reads), then normalized.
+
+The normalization itself is ``F.layer_norm`` / ``F.rms_norm`` on the fp32 rows: fused
+forward and backward, where the same formulas spelled out as separate ops cost several
+passes over the activations. fp16/bf16 inputs are upcast to fp32 first (so PyTorch's
+kernel, whatever it does internally for low precision, sees fp32); fp32 inputs are
+normalized as they are, without a copy.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the compute; fp32 (and fp64) tensors are used without a copy."""
+    return t.float() if t.element_size() < 4 else t
 
 
 def layer_norm(
@@ -23,16 +35,37 @@ def layer_norm(
     """``(y, s)``: ``s = x + residual`` (``None`` without a residual), ``y = norm(s or x)``
     over the trailing dims whose sizes multiply to ``n``."""
     s = x + residual if residual is not None else None
-    h = (s if s is not None else x).float()
-    rows = h.reshape(-1, n)  # (M, n)
+    h = _fp32(s if s is not None else x)
+    if n == 1 and not rms:
+        return _layer_norm_1(h, weight, bias, eps).to(x.dtype), s
+    # Normalize over the last dim when that is the whole normalized size (the usual case: no
+    # reshapes, whose autograd nodes cost more than the op at small sizes); else over rows
+    # of n (a view for contiguous input). Parameters may be fp32 next to fp16 activations:
+    # cast to the compute dtype (no copy when it matches) and flatten to (n,) (a view).
+    rows = h if h.dim() > 0 and h.shape[-1] == n else h.reshape(-1, n)  # (..., n)
+    w = None if weight is None else _param(weight, n, h.dtype)
     if rms:
-        rows = rows * torch.rsqrt(rows.square().mean(-1, keepdim=True) + eps)
+        y = F.rms_norm(rows, (n,), w, eps)
     else:
-        centered = rows - rows.mean(-1, keepdim=True)
-        rows = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
-    y = rows.reshape(x.shape)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
+        y = F.layer_norm(rows, (n,), w, None if bias is None else _param(bias, n, h.dtype), eps)
+    y = y if rows is h else y.reshape(x.shape)
     return y.to(x.dtype), s
+
+
+def _param(p: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return (p if p.dim() == 1 else p.reshape(n)).to(dtype)
+
+
+def _layer_norm_1(h, weight, bias, eps):
+    """LayerNorm over one element per row, written out. ``x - mean`` is exactly 0, so
+    ``y = bias`` and ``dx = 0`` exactly; the formula keeps that exact (the mean's backward,
+    ``g - mean(g)``, cancels exactly), where F.layer_norm's fused backward leaves rounding
+    noise of ~rstd * ulp(g), rstd = 1/sqrt(eps) ~ 316, which an oracle must not have."""
+    rows = h.reshape(-1, 1)  # (M, 1)
+    centered = rows - rows.mean(-1, keepdim=True)
+    y = (centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)).reshape(h.shape)
+    if weight is not None:
+        y = y * weight.to(h.dtype)
+    if bias is not None:
+        y = y + bias.to(h.dtype)
+    return y

@@ -46,19 +46,25 @@ def _gather(table: torch.Tensor, position_ids: torch.Tensor | None, offset: int,
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
     half = cos.shape[-1]
-    xf = x.float()
-    rot, rest = xf[..., : 2 * half], xf[..., 2 * half :]
+    # fp16/bf16 are upcast; fp32 is used as it is (no copy).
+    xf = x.float() if x.element_size() < 4 else x
+    D = xf.shape[-1]
+    # split/unbind rather than slicing: their backward is one cat/stack, where each slice's
+    # backward would allocate a zero tensor of the full size and copy into it.
+    rot, rest = (xf, None) if 2 * half == D else xf.split([2 * half, D - 2 * half], dim=-1)
     if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        x1, x2 = rot.unflatten(-1, (half, 2)).unbind(-1)  # (..., half) each
     else:
-        x1, x2 = rot[..., :half], rot[..., half:]
+        x1, x2 = rot.split(half, dim=-1)
     y1 = x1 * cos - x2 * sin
     y2 = x2 * cos + x1 * sin
     if interleaved:
         y = torch.stack((y1, y2), dim=-1).flatten(-2)  # (..., half, 2) -> (..., 2 * half)
     else:
         y = torch.cat((y1, y2), dim=-1)
-    return torch.cat((y, rest), dim=-1).to(x.dtype)
+    if rest is not None:
+        y = torch.cat((y, rest), dim=-1)
+    return y.to(x.dtype)
 
 
 def apply_rotary(
