@@ -6,6 +6,7 @@
 A new family plugs in with ``register(name, config_cls, model_cls, presets)``.
 """
 
+from nnfast.models.bert import BERT_PRESETS, Bert, BertConfig
 from nnfast.models.classic import (
     BIGRAM_PRESETS,
     MLP_PRESETS,
@@ -26,6 +27,7 @@ from nnfast.models.conv_transformer import (
     ConvTransformerConfig,
 )
 from nnfast.models.decoder import Decoder, DecoderConfig, sample
+from nnfast.models.encoder import EncDecConfig, EncoderDecoder
 from nnfast.models.flops import peak_flops
 from nnfast.models.hf import load_gpt2_hf
 from nnfast.models.presets import GPT2_PRESETS, LLAMA2_PRESETS
@@ -38,6 +40,8 @@ from nnfast.models.registry import (
     parse_overrides,
     register,
 )
+from nnfast.models.t5 import T5, T5_PRESETS, T5Config
+from nnfast.models.transformer import TRANSFORMER_PRESETS, Transformer, TransformerConfig
 
 register("gpt2", DecoderConfig, Decoder, GPT2_PRESETS, default_preset="gpt2-124m")
 register("llama2", DecoderConfig, Decoder, LLAMA2_PRESETS, default_preset="llama2-124m")
@@ -49,14 +53,26 @@ register("conv-transformer", ConvTransformerConfig, ConvTransformer, CONV_TRANSF
          default_preset="shakespeare-char")
 register("progressive-gpt", ProgressiveConfig, ProgressiveGPT, PROGRESSIVE_PRESETS,
          default_preset="shakespeare-char")
+register("bert", BertConfig, Bert, BERT_PRESETS, default_preset="bert-base")
+register("t5", T5Config, T5, T5_PRESETS, default_preset="t5-small")
+register("transformer", TransformerConfig, Transformer, TRANSFORMER_PRESETS,
+         default_preset="base")
 
 __all__ = [
+    "Bert",
+    "BertConfig",
     "Bigram",
     "BigramConfig",
     "ConvTransformer",
     "ConvTransformerConfig",
     "Decoder",
     "DecoderConfig",
+    "EncDecConfig",
+    "EncoderDecoder",
+    "T5",
+    "T5Config",
+    "Transformer",
+    "TransformerConfig",
     "create",
     "field_types",
     "list_models",

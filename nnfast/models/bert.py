@@ -26,6 +26,7 @@ from nnfast.models.encoder import (
     estimate_mfu,
     init_weights,
     key_padding,
+    to_autocast,
     token_accuracy,
 )
 
@@ -122,7 +123,7 @@ class Bert(nn.Module):
         T = idx.shape[1]
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         x = x + (self.wtt.weight[0] if token_type_ids is None else self.wtt(token_type_ids))
-        x = self.drop(self.norm_emb(x))
+        x = self.drop(self.norm_emb(to_autocast(x)))
         h = self.encoder(x, key_padding(padding_mask))
         return self.head_norm(F.gelu(self.head_fc(h)))
 

@@ -164,7 +164,8 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, n_head: int, n_buckets: int, max_distance: int, bidirectional: bool):
         super().__init__()
-        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.n_buckets, self.max_distance = n_buckets, max_distance
+        self.bidirectional = bidirectional
         self.table = nn.Embedding(n_buckets, n_head)
 
     def forward(self, T: int, S: int, offset: int = 0) -> torch.Tensor:
@@ -185,6 +186,14 @@ def key_padding(mask: torch.Tensor | None, bias: torch.Tensor | None = None):
     if bias is None:
         return m
     return bias.masked_fill(~m, float("-inf"))
+
+
+def to_autocast(x: torch.Tensor) -> torch.Tensor:
+    """Embeddings into autocast's dtype: the residual stream then has one dtype, which the
+    fused add + norm of the post-LN layers requires (as the decoder does; llm.c too)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def check_ids(name: str, ids: torch.Tensor, vocab: int, max_len: int) -> None:
@@ -322,6 +331,7 @@ class EncoderDecoder(nn.Module):
         self.wte = nn.Embedding(c.total_vocab, c.n_embd)
         if c.pos == "sinusoidal":
             self.register_buffer("pe", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd) if c.pos == "learned" else None
         self.enc_bias = self.dec_bias = None
         if c.pos == "relative":
             self.enc_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, True)
@@ -343,7 +353,9 @@ class EncoderDecoder(nn.Module):
             x = x * math.sqrt(c.n_embd)
         if c.pos == "sinusoidal":
             x = x + self.pe[offset:offset + ids.shape[1]]
-        return self.drop(x)
+        elif self.wpe is not None:
+            x = x + self.wpe(torch.arange(offset, offset + ids.shape[1], device=ids.device))
+        return self.drop(to_autocast(x))
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder output (B, S, d)."""
@@ -438,9 +450,11 @@ class EncoderDecoder(nn.Module):
     # ------------------------------------------------------------------ accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters, shared ones once; ``exclude_embeddings`` drops an untied token table
-        and the relative-bias tables (lookups, no matmul FLOPs)."""
+        and the position tables (lookups, no matmul FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.wte.weight.numel()
             for b in (self.enc_bias, self.dec_bias):

@@ -74,7 +74,7 @@ def span_corrupt(ids: torch.Tensor, sentinel_ids: torch.Tensor, eos_id: int,
     keep_len = _random_split(L - n_noise, n_spans, B, dev, generator)  # (B, k)
     seg_len = torch.stack((keep_len, noise_len), dim=2).flatten(1)  # (B, 2k): keep, noise, ...
     seg_end = seg_len.cumsum(1)  # (B, 2k)
-    pos = torch.arange(L, device=dev).expand(B, L)
+    pos = torch.arange(L, device=dev).expand(B, L).contiguous()
     seg = torch.searchsorted(seg_end, pos, right=True)  # (B, L) segment index of each token
     noise = seg % 2 == 1
     span = seg // 2  # (B, L) span / kept-segment number
