@@ -23,12 +23,12 @@ from nnfast.models.encoder import (
     check_ids,
     check_mask,
     check_stack_config,
-    estimate_mfu,
     init_weights,
     key_padding,
     to_autocast,
     token_accuracy,
 )
+from nnfast.models.flops import MFUMixin
 
 N_SPECIAL = 4  # [PAD] [MASK] [CLS] [SEP]
 
@@ -84,7 +84,7 @@ BERT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class Bert(nn.Module):
+class Bert(MFUMixin, nn.Module):
     """``forward(idx, targets=None, padding_mask=None, token_type_ids=None)``.
 
     ``padding_mask`` (B, T) bool, True = real token (None: ``idx != pad_id``). Without
@@ -199,10 +199,6 @@ class Bert(nn.Module):
         c = self.config
         T = seq_len or c.block_size
         return 6 * self.num_params(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * T
-
-    def estimate_mfu(self, tokens_per_s: float, peak: float | None = None,
-                     seq_len: int | None = None) -> float | None:
-        return estimate_mfu(self, tokens_per_s, peak, seq_len)
 
 
 def encode_known(tokenizer, text: str) -> list[int]:

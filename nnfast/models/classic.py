@@ -39,8 +39,8 @@ import torch.nn.functional as torch_F
 from torch import nn
 
 import nnfast
-from nnfast.models.decoder import Decoder, sample
-from nnfast.models.flops import peak_flops
+from nnfast.models.decoder import Decoder, generate_uncached
+from nnfast.models.flops import MFUMixin
 
 
 # ----------------------------------------------------------------------------- configs
@@ -136,7 +136,7 @@ def _check_dropout(p: float) -> None:
 
 
 # ----------------------------------------------------------------------------- shared base
-class ContextLM(nn.Module):
+class ContextLM(MFUMixin, nn.Module):
     """Shared machinery: windows of the last ``context`` tokens at every position, the loss,
     generation and accounting. A subclass implements ``predict(w)``: (N, context) ids ->
     (N, V) logits, ids in ``[0, vocab_size]`` (``vocab_size`` is the pad)."""
@@ -188,24 +188,9 @@ class ContextLM(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); returns (B, T + new).
         Each step sees the last ``context`` tokens (the pad before the start). Sampling as
         ``Decoder.generate``: temperature 0 is greedy, ``top_k``, ``top_p`` (nucleus)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        n = self.config.context
-        self._check_idx(idx[:, -n:])
-        was_training = self.training
-        self.eval()  # BatchNorm's running statistics; no counting in count mode
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -n:], last_only=True)[0][:, -1]  # (B, V)
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            idx = torch.cat((idx, nxt.to(idx.dtype)), dim=1)
-        self.train(was_training)
-        return idx
+        # eval mode inside: BatchNorm's running statistics, no counting in count mode
+        return generate_uncached(self, idx, max_new_tokens, self.config.context, temperature,
+                                 top_k, top_p, generator)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -220,14 +205,6 @@ class ContextLM(nn.Module):
         Lookups count nothing, so a bigram's is 0. ``seq_len`` does not matter: each
         position costs the same (accepted for the decoders' signature)."""
         return 6 * self.num_params(exclude_embeddings=True)
-
-    def estimate_mfu(self, tokens_per_s: float, peak: float | None = None,
-                     seq_len: int | None = None) -> float | None:
-        """Achieved FLOP/s over ``peak`` (default: the current GPU's); None when unknown."""
-        peak = peak if peak is not None else peak_flops()
-        if not peak:
-            return None
-        return tokens_per_s * self.estimate_flops_per_token(seq_len) / peak
 
     def _shrink_head(self, head: nn.Linear) -> None:
         # makemore's init: a 10x smaller output layer starts near the uniform distribution

@@ -44,8 +44,8 @@ from torch import nn
 
 import nnfast
 from nnfast import functional as F
-from nnfast.models.decoder import Block, Decoder, DecoderConfig, make_norm, sample
-from nnfast.models.flops import peak_flops
+from nnfast.models.decoder import Block, Decoder, DecoderConfig, generate_uncached, make_norm
+from nnfast.models.flops import MFUMixin
 
 
 def _ints(name: str, text: str) -> tuple[int, ...]:
@@ -142,8 +142,10 @@ CONV_TRANSFORMER_PRESETS: dict[str, dict] = {
 }
 
 
-class ConvTransformer(nn.Module):
+class ConvTransformer(MFUMixin, nn.Module):
     """``forward(idx, targets=None) -> (logits, loss)`` with the decoders' contract."""
+
+    _check_idx = Decoder._check_idx  # the decoders' id/shape checks (uses only .config)
 
     def __init__(self, config: ConvTransformerConfig) -> None:
         super().__init__()
@@ -244,7 +246,7 @@ class ConvTransformer(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """As ``Decoder.forward``: ``(logits, None)`` without targets (B, T, V), or (B, 1, V)
         with ``last_only``; ``(None, loss)`` with targets and ``fused_loss``; else both."""
-        Decoder._check_idx(self, idx, targets)  # uses only self.config
+        self._check_idx(idx, targets)
         h = self.hidden_states(idx)  # (B, T, w0)
         if targets is None:
             return self.lm_head(h[:, -1:] if last_only else h), None
@@ -271,20 +273,8 @@ class ConvTransformer(nn.Module):
         every token recomputes the last ``block_size`` tokens (a merged token changes while
         its window fills, so a cache would need per-level bookkeeping); ``use_cache`` is
         accepted for the decoders' signature and ignored."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        try:
-            for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.config.block_size:], last_only=True)[0][:, -1]
-                nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-                idx = torch.cat((idx, nxt.to(idx.dtype)), dim=1)
-        finally:
-            self.train(was_training)
-        return idx
+        return generate_uncached(self, idx, max_new_tokens, self.config.block_size, temperature,
+                                 top_k, top_p, generator)
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -316,10 +306,3 @@ class ConvTransformer(nn.Module):
                 flops += 6 * mixed / r
         return flops
 
-    def estimate_mfu(self, tokens_per_s: float, peak: float | None = None,
-                     seq_len: int | None = None) -> float | None:
-        """Model FLOPs utilization (see ``Decoder.estimate_mfu``); None without a peak."""
-        peak = peak if peak is not None else peak_flops()
-        if not peak:
-            return None
-        return tokens_per_s * self.estimate_flops_per_token(seq_len) / peak

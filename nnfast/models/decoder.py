@@ -23,7 +23,7 @@ from torch import nn
 
 import nnfast
 from nnfast import functional as F
-from nnfast.models.flops import peak_flops
+from nnfast.models.flops import MFUMixin
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Block(nn.Module):
         return self.mlp(x), residual
 
 
-class Decoder(nn.Module):
+class Decoder(MFUMixin, nn.Module):
     """``forward(idx, targets=None) -> (logits, loss)``; see ``forward`` for when logits is None."""
 
     def __init__(self, config: DecoderConfig) -> None:
@@ -270,14 +270,7 @@ class Decoder(nn.Module):
         computed as the uncached path does (the whole window recomputed), so both paths give
         the same tokens.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         self._check_idx(idx[:, -self.config.block_size:])
         was_training = self.training
         self.eval()
@@ -329,14 +322,37 @@ class Decoder(nn.Module):
         attention = 12 * c.n_layer * c.n_head * c.head_dim * T
         return 6 * self.num_params(exclude_embeddings=True) + attention
 
-    def estimate_mfu(self, tokens_per_s: float, peak: float | None = None,
-                     seq_len: int | None = None) -> float | None:
-        """Model FLOPs utilization: achieved FLOP/s over ``peak`` (default:
-        ``peak_flops()`` of the current GPU); None when the peak is unknown."""
-        peak = peak if peak is not None else peak_flops()
-        if not peak:
-            return None
-        return tokens_per_s * self.estimate_flops_per_token(seq_len) / peak
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate_uncached(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, window: int,
+                      temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The sampling loop of models without a KV cache: each new token from a full forward
+    over the last ``window`` tokens, in eval mode (the mode is restored afterwards)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    model._check_idx(idx[:, -window:])
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -window:], last_only=True)[0][:, -1]  # (B, V)
+            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, nxt.to(idx.dtype)), dim=1)
+    finally:
+        model.train(was_training)
+    return idx
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

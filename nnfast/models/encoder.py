@@ -26,7 +26,7 @@ from torch import nn
 
 import nnfast
 from nnfast import functional as F
-from nnfast.models.flops import peak_flops
+from nnfast.models.flops import MFUMixin
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "gated-gelu", "relu")
@@ -305,17 +305,8 @@ def init_weights(model: nn.Module, std: float) -> None:
             m.reset_parameters()
 
 
-def estimate_mfu(model, tokens_per_s: float, peak: float | None = None,
-                 seq_len: int | None = None) -> float | None:
-    """As ``Decoder.estimate_mfu``: achieved FLOP/s over ``peak`` (default the GPU's)."""
-    peak = peak if peak is not None else peak_flops()
-    if not peak:
-        return None
-    return tokens_per_s * model.estimate_flops_per_token(seq_len) / peak
-
-
 # ----------------------------------------------------------------------------- encoder-decoder
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(MFUMixin, nn.Module):
     """T5 and the Transformer: ``forward(src, tgt_in, targets=None, src_mask=None)``.
 
     ``src`` (B, S) encoder ids, ``src_mask`` (B, S) bool (True = real; None: derived as
@@ -470,10 +461,6 @@ class EncoderDecoder(nn.Module):
         T = seq_len or c.block_size
         attention = 12 * (c.n_layer + 2 * c.n_dec_layer) * c.n_embd * T
         return 6 * self.num_params(exclude_embeddings=True) + attention
-
-    def estimate_mfu(self, tokens_per_s: float, peak: float | None = None,
-                     seq_len: int | None = None) -> float | None:
-        return estimate_mfu(self, tokens_per_s, peak, seq_len)
 
 
 def token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

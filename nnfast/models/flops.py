@@ -20,3 +20,17 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
         if key in name:
             return value
     return None
+
+
+class MFUMixin:
+    """``estimate_mfu`` for any model with ``estimate_flops_per_token(seq_len)``."""
+
+    def estimate_mfu(
+        self, tokens_per_s: float, peak: float | None = None, seq_len: int | None = None
+    ) -> float | None:
+        """Model FLOPs utilization: achieved FLOP/s over ``peak`` (default: ``peak_flops()``
+        of the current GPU); None when the peak is unknown (a CPU)."""
+        peak = peak if peak is not None else peak_flops()
+        if not peak:
+            return None
+        return tokens_per_s * self.estimate_flops_per_token(seq_len) / peak
