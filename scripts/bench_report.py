@@ -42,9 +42,19 @@ def load(path: Path) -> list[dict]:
     return rows
 
 
+def measured(key: str) -> bool:
+    """A result rather than a parameter: never part of what makes two rows one comparison."""
+    return (
+        key in MEASURED
+        or key.startswith(("peak", "eager_", "max_"))
+        or "ratio" in key
+        or key.endswith(("_ms", "_gib", "_gb", "_mb"))
+    )
+
+
 def group_key(row: dict) -> tuple:
     return tuple(
-        sorted((k, str(v)) for k, v in row.items() if k not in MEASURED | {"impl", "name"})
+        sorted((k, str(v)) for k, v in row.items() if not measured(k) and k not in ("impl", "name"))
     )
 
 
@@ -82,9 +92,13 @@ def markdown(rows: list[dict]) -> str:
                 ]
                 if "frac_copy_bw" in m:
                     tp.append(f"{100 * m['frac_copy_bw']:.0f}% of copy")
-                for k in ("peak_mem_gb", "peak_mem_mb"):
-                    if k in m:
-                        tp.append(f"peak {m[k]:.3g} {k[-2:].upper()}")
+                for k in sorted(m):
+                    if k.startswith("peak_mem_") and isinstance(m[k], (int, float)):
+                        tp.append(
+                            f"peak {m[k]:.3g} {k.rsplit('_', 1)[1].upper().replace('GIB', 'GiB')}"
+                        )
+                    elif ("ratio" in k or k.startswith("max_")) and isinstance(m[k], (int, float)):
+                        tp.append(f"{k} {m[k]:.3g}")
                 ratio = f"{m['ms'] / ref['ms']:.2f}x" if ref is not None and m is not ref else ""
                 out.append(
                     f"| {case} | {m.get('impl', m['name'])} | {m['ms']:.4g} | "

@@ -25,7 +25,16 @@ def test_report_ratios_and_plots(tmp_path):
                 frac_copy_bw=0.5,
                 mfu=None,
             ),
-            _bench("b", 4e-3, op="rms_norm", impl="torch", shape="4096x4096", gbps=50.0),
+            _bench(
+                "b",
+                4e-3,
+                op="rms_norm",
+                impl="torch",
+                shape="4096x4096",
+                gbps=50.0,
+                peak_mem_gib=1.5,
+                mem_ratio_vs_eager=1.0,
+            ),
             _bench("c", 1e-3, op="rms_norm", impl="torch", shape="1x8"),
         ]
     }
@@ -43,6 +52,7 @@ def test_report_ratios_and_plots(tmp_path):
     torch_row = next(line for line in text.splitlines() if "| torch | 4 |" in line)
     assert torch_row.endswith("| 2.00x |"), torch_row
     assert "50% of copy" in text
+    assert "peak 1.5 GiB" in torch_row  # measured values never split a comparison
     lone = next(line for line in text.splitlines() if "shape=1x8" in line)
     assert lone.endswith("|  |")  # no nnfast row to compare with
     assert (out / "rms_norm.png").read_bytes()[:4] == b"\x89PNG"
