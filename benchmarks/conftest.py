@@ -104,3 +104,31 @@ def copy_gbps() -> float:
             times.append(time.perf_counter() - t)
         ms = sorted(times)[2] * 1e3
     return 2 * n / (ms / 1e3) / 1e9
+
+
+def peak_gib(step) -> float:
+    """Peak CUDA memory (GiB) of one call of ``step``."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def train_step_bench(benchmark, net, step, batch: int, seq: int, **info) -> float:
+    """Time ``step``, a whole training step of model ``net``: warm-up (compile, autotune,
+    allocation) outside the timing, peak memory on CUDA, then tokens/s, TFLOP/s and MFU from
+    the model's FLOPs per token."""
+    for _ in range(3):
+        step()
+    peak = peak_gib(step) if CUDA else None
+    tokens = batch * seq
+    flops_per_token = net.estimate_flops_per_token(seq)
+    info.update(op="train_step", batch=batch, seq=seq, params=net.num_params(),
+                dtype="bf16-autocast" if CUDA else "fp32")
+    seconds = run(benchmark, step, flops=tokens * flops_per_token,
+                  rounds=info.pop("rounds", 10 if CUDA else 3), **info)
+    tps = tokens / seconds
+    benchmark.extra_info.update(tokens_per_s=tps, mfu=net.estimate_mfu(tps, seq_len=seq),
+                                peak_mem_gib=peak)
+    return seconds

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import nnfast.models as models
-from benchmarks.conftest import CUDA, cpu_only, requires_cuda, run
+from benchmarks.conftest import cpu_only, peak_gib, requires_cuda, train_step_bench
 
 MODELS = ("conv-transformer", "gpt2")
 PRESET = "shakespeare-char"
@@ -50,28 +50,10 @@ def _setup(name: str, batch: int, seq: int, device: str):
     return model, step
 
 
-def _peak_gib(step) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
 def _bench(benchmark, name: str, batch: int, seq: int, device: str, **info) -> None:
     model, step = _setup(name, batch, seq, device)
-    for _ in range(3):  # autotune and allocate outside the timing
-        step()
-    peak = _peak_gib(step) if CUDA else None
-    tokens = batch * seq
-    info.update(op="train_step", model=name, preset=PRESET, batch=batch, seq=seq,
-                dtype="bf16-autocast" if CUDA else "fp32", params=model.num_params(),
-                flops_per_token=model.estimate_flops_per_token(seq))
-    seconds = run(benchmark, step, flops=tokens * model.estimate_flops_per_token(seq),
-                  rounds=10 if CUDA else 3, **info)
-    tps = tokens / seconds
-    benchmark.extra_info.update(tokens_per_s=tps, mfu=model.estimate_mfu(tps, seq_len=seq),
-                                peak_mem_gib=peak)
+    train_step_bench(benchmark, model, step, batch, seq, model=name, preset=PRESET,
+                     flops_per_token=model.estimate_flops_per_token(seq), **info)
 
 
 @requires_cuda
@@ -93,7 +75,7 @@ def _fits(name: str, batch: int, seq: int, budget_gib: float) -> tuple[bool, flo
     try:
         _, step = _setup(name, batch, seq, "cuda")
         step()  # allocate the optimizer state, autotune
-        peak = _peak_gib(step)
+        peak = peak_gib(step)
         return peak <= budget_gib, peak
     except torch.OutOfMemoryError:
         return False, None

@@ -25,7 +25,7 @@ import torch.nn.functional as torch_F
 
 import nnfast.functional as NF
 import nnfast.models as models
-from benchmarks.conftest import CUDA, requires_cuda, run
+from benchmarks.conftest import cpu_only, requires_cuda, train_step_bench
 
 IMPLS = ("nnfast", "nnfast-compile", "torch", "torch-compile")
 
@@ -109,25 +109,10 @@ def _bench(benchmark, name, preset, impl, batch, seq, device, **overrides):
         opt.step()
         return loss
 
-    for _ in range(3):  # compile, autotune and allocate outside the timing
-        step()
-    peak = None
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    tokens = batch * seq
     real = int(kw["padding_mask"].sum()) if name == "bert" else int(kw["src_mask"].sum())
-    info = dict(op="train_step", impl=impl, model=name, preset=preset, batch=batch, seq=seq,
-                dtype="bf16-autocast" if CUDA else "fp32", params=model.num_params(),
-                real_fraction=real / kw[("idx" if name == "bert" else "src")].numel())
-    seconds = run(benchmark, step, flops=tokens * model.estimate_flops_per_token(seq),
-                  rounds=10 if CUDA else 3, **info)
-    tps = tokens / seconds
-    benchmark.extra_info.update(tokens_per_s=tps, mfu=model.estimate_mfu(tps, seq_len=seq),
-                                peak_mem_gib=peak)
+    real_fraction = real / kw["idx" if name == "bert" else "src"].numel()
+    train_step_bench(benchmark, model, step, batch, seq, impl=impl, model=name, preset=preset,
+                     real_fraction=real_fraction)
 
 
 @requires_cuda
@@ -139,7 +124,7 @@ def test_encoder_train_step_cuda(benchmark, name, preset, impl):
     _bench(benchmark, name, preset, impl, batch, 512, "cuda", **overrides)
 
 
-@pytest.mark.skipif(CUDA, reason="CPU benchmark: a GPU is present, its cases run instead")
+@cpu_only
 @pytest.mark.parametrize("impl", ("nnfast", "torch"))
 @pytest.mark.parametrize("name", ("bert", "t5"))
 def test_encoder_train_step_cpu(benchmark, name, impl):

@@ -22,7 +22,7 @@ import torch.nn.functional as torch_F
 
 import nnfast
 import nnfast.models as models
-from benchmarks.conftest import CUDA, requires_cuda, run
+from benchmarks.conftest import CUDA, requires_cuda, train_step_bench
 
 IMPLS = ("nnfast", "nnfast-compile", "torch", "torch-compile")
 
@@ -122,23 +122,8 @@ def _setup(name, preset, impl, batch, seq, device, **overrides):
 
 def _bench(benchmark, name, preset, impl, batch, seq, device, **overrides):
     model, step = _setup(name, preset, impl, batch, seq, device, **overrides)
-    for _ in range(3):  # compile, autotune and allocate outside the timing
-        step()
-    peak = None
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    tokens = batch * seq
-    info = dict(op="train_step", impl=impl, model=name, preset=preset, batch=batch, seq=seq,
-                dtype="bf16-autocast" if CUDA else "fp32", params=model.num_params())
-    seconds = run(benchmark, step, flops=tokens * model.estimate_flops_per_token(seq),
-                  rounds=10 if CUDA else 5, **info)
-    tps = tokens / seconds
-    benchmark.extra_info.update(tokens_per_s=tps, mfu=model.estimate_mfu(tps, seq_len=seq),
-                                peak_mem_gib=peak)
+    train_step_bench(benchmark, model, step, batch, seq, impl=impl, model=name, preset=preset,
+                     rounds=10 if device == "cuda" else 5)
 
 
 @requires_cuda
