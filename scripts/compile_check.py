@@ -1,0 +1,343 @@
+"""Compile every nnfast Triton kernel offline for an H100 (sm_90), no GPU needed.
+
+The CPU tests run the kernels through Triton's interpreter, which accepts code that the real
+compiler rejects (``tl.dot`` shape/dtype rules, constexpr misuse, type promotion, ...). This
+script drives the real launchers with CPU tensors, records every launch instead of running it
+(kernel, argument types, constexprs, num_warps/num_stages, and for autotuned kernels every
+config the autotuner would try after pruning), and compiles each distinct one with
+``triton.compile(..., target=GPUTarget("cuda", 90, 64))``.
+
+A compile error is a failure. Shared memory above the H100 limit is not a compile error: the
+autotuner drops such configs at launch, so it is reported as ``SMEM`` and is a failure only when
+no config of an autotuned launch fits (or a plain launch does not).
+
+Usage: python scripts/compile_check.py [--quick] [--jobs N] [--only attention,norm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# The kernels pick their CUDA configs (and ``triton.jit`` its mode) at import time.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import concurrent.futures as cf  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 64)
+H100_MAX_SHARED = 232448  # bytes, the opt-in per-block limit on sm_90
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# ----------------------------------------------------------------------------- recording
+_LAUNCHES: list[dict] = []
+_BACKEND = make_backend(TARGET)
+_FIRST_CONFIG_ONLY = False  # set by drivers for launches that only vary constexpr flags
+
+
+def _record(fn: JITFunction, args, kwargs, configs) -> None:
+    _LAUNCHES.append(dict(fn=fn, args=args, kwargs=kwargs,
+                          configs=configs[:1] if _FIRST_CONFIG_ONLY else configs))
+
+
+def _bind(fn: JITFunction, args, kwargs, cfg: dict, options: dict):
+    """(signature, constexprs, attrs) exactly as a real launch on sm_90 would specialize them
+    (Triton's own binder: pointer/int divisibility by 16, int64 for big ints, ...)."""
+    if not hasattr(fn, "_cc_binder"):
+        fn._cc_binder = create_function_from_signature(fn.signature, fn.params, _BACKEND)
+    bound, specialization, _ = fn._cc_binder(*args, **kwargs, **cfg, **options)
+    _, signature, constexprs, attrs = fn._pack_args(_BACKEND, {**kwargs, **cfg, **options},
+                                                    bound, specialization, options)
+    return signature, constexprs, attrs
+
+
+_OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _jit_run(self, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
+    _record(self, args, kwargs, [({}, options)])
+
+
+def _autotune_run(self, *args, **kwargs):
+    kwargs.pop("grid", None)
+    kwargs.pop("warmup", None)
+    self.nargs = dict(zip(self.arg_names, args))
+    configs = self.configs
+    if self.early_config_prune:
+        configs = self.early_config_prune(self.configs, self.nargs, **kwargs)
+    self.nargs = None
+    fn = self.fn
+    while not isinstance(fn, JITFunction):  # autotune(heuristics(jit(...)))
+        fn = fn.fn
+    _record(fn, args, kwargs, [
+        (dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs])
+
+
+# ----------------------------------------------------------------------------- drivers
+def _t(*shape, dtype=torch.float16):
+    return torch.empty(*shape, dtype=dtype)
+
+
+def drive_activation(quick: bool) -> None:
+    from nnfast.kernels import activation as m
+    acts = ("silu",) if quick else ("silu", "gelu", "gelu_tanh")
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for act in acts:
+            for gated in (False, True):
+                for M, N in ((8, 11008), (64, 64)) if not quick else ((8, 11008),):
+                    x = _t(M, N, dtype=dtype)
+                    up = _t(M, N, dtype=dtype) if gated else None
+                    m.act_mul_forward(x, up, act)
+                    m.act_mul_backward(_t(M, N, dtype=dtype), x, up, act)
+
+
+def drive_rope(quick: bool) -> None:
+    from nnfast.kernels import rope as m
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for D, R in ((128, 128),) if quick else ((64, 64), (128, 128), (80, 80), (256, 256),
+                                                  (64, 32)):
+            for interleaved in (False,) if quick else (False, True):
+                for inverse in (False, True):
+                    for has_pos in (False, True):
+                        q, k = _t(2, 4, 64, D, dtype=dtype), _t(2, 2, 64, D, dtype=dtype)
+                        cos = sin = _t(128, R // 2, dtype=torch.float32)
+                        pos = torch.zeros(2, 64, dtype=torch.long) if has_pos else None
+                        m._launch(q, k, cos, sin, pos, 0, interleaved, inverse)
+
+
+def drive_norm(quick: bool) -> None:
+    from nnfast.kernels import norm as m
+    widths = (4096,) if quick else (64, 4096, 8192, 65536)
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for n in widths:
+            for rms in (True, False):
+                for has_w, has_b, has_res in ((True, False, False),) if quick else (
+                        (True, False, False), (True, True, True), (False, False, False),
+                        (True, True, False), (True, False, True)):
+                    M = 8
+                    x = _t(M, n, dtype=dtype)
+                    w = _t(n, dtype=torch.float32) if has_w else None
+                    b = _t(n, dtype=torch.float32) if has_b else None
+                    res = _t(M, n, dtype=dtype) if has_res else None
+                    m.norm_fwd_impl(x, w, b, res, 1e-5, rms)
+                    mean = _t(0 if rms else M, dtype=torch.float32)
+                    rstd = _t(M, dtype=torch.float32)
+                    ds = _t(M, n, dtype=dtype) if has_res else None
+                    m.norm_bwd_impl(_t(M, n, dtype=dtype), ds, x, w, mean, rstd, rms, has_b)
+
+
+def drive_cross_entropy(quick: bool) -> None:
+    from nnfast.kernels import cross_entropy as m
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for V in (50257,) if quick else (50257, 1000, 128256):
+            for need in ((True, True, False),) if quick else (
+                    (False, False, False), (True, True, False), (True, True, True)):
+                for scaled in (False,) if quick else (False, True):
+                    N, C = 4, 16
+                    x = torch.zeros(N, C, dtype=dtype)
+                    w = torch.zeros(V, C, dtype=torch.float32)
+                    b = torch.zeros(V, dtype=torch.float32) if need[2] else None
+                    tgt = torch.zeros(N, dtype=torch.long)
+                    scale = torch.ones(N, dtype=torch.float32) if scaled else None
+                    m._chunked(x, w, tgt, b, -100, 0.1, need, scale)
+
+
+def drive_token_merge(quick: bool) -> None:
+    from nnfast.kernels import token_merge as m
+    for dtype in DTYPES[:1] if quick else DTYPES:
+        for has_bias in (True,) if quick else (False, True):
+            B, T, C, k = 2, 64, 32, 4
+            w = _t(C, C, k, dtype=torch.float32)
+            bias = _t(C, dtype=torch.float32) if has_bias else None
+            for causal in (True,) if quick else (False, True):
+                x = _t(B, T, C, dtype=dtype)
+                m.merge_forward(x, w, bias, k, causal)
+                m.merge_backward(_t(B, T // k, C, dtype=dtype), x, w, k, causal)
+            if quick:
+                continue
+            x = _t(B, T // k, C, dtype=dtype)
+            m.expand_forward(x, w, bias, k, T)
+            m.expand_backward(_t(B, T, C, dtype=dtype), x, w, k)
+
+
+def drive_attention(quick: bool) -> None:
+    from nnfast.kernels import attention as m
+    seed = torch.tensor(1234, dtype=torch.int64)
+
+    def run(dtype, D, causal, mask_kind, p, need_ds, Lq=128, Lk=128):
+        B, Hq, Hk = 1, 4, 2
+        q = _t(B, Hq, Lq, D, dtype=dtype)
+        k, v = _t(B, Hk, Lk, D, dtype=dtype), _t(B, Hk, Lk, D, dtype=dtype)
+        mask = {None: None, "bool": torch.ones(1, 1, Lq, Lk, dtype=torch.bool),
+                "float": torch.zeros(1, Hq, Lq, Lk, dtype=dtype)}[mask_kind]
+        m._fwd(q, k, v, mask, seed, p, causal, D**-0.5)
+        lse = _t(B, Hq, Lq, dtype=torch.float32)
+        m._bwd(q, q, k, v, q, lse, mask, seed, p, causal, D**-0.5, need_ds)
+
+    if quick:
+        run(torch.float16, 64, True, None, 0.0, False)
+        run(torch.bfloat16, 128, False, "bool", 0.1, False)
+        m.dropout_mask(1, 1, 2, 64, 64, 0.1, "cpu")
+        return
+    # Every head dim and dtype, the two mask-free paths (all autotune configs) ...
+    for dtype in DTYPES:
+        for D in (64, 128, 80, 256):
+            for causal in (True, False):
+                run(dtype, D, causal, None, 0.0, False)
+            run(dtype, D, True, None, 0.0, False, Lq=16)  # decode: the BLOCK_M=16 configs
+    # ... and every flag combination at D=128 (dedup keeps the distinct ones), with the first
+    # autotune config only: the configs were all compiled above, the flags change no tiling.
+    global _FIRST_CONFIG_ONLY
+    _FIRST_CONFIG_ONLY = True
+    for dtype in DTYPES:
+        for causal in (True, False):
+            for mask_kind in (None, "bool", "float"):
+                for p in (0.0, 0.1):
+                    for need_ds in (False, True) if mask_kind == "float" else (False,):
+                        run(dtype, 128, causal, mask_kind, p, need_ds)
+    _FIRST_CONFIG_ONLY = False
+    m.dropout_mask(1, 1, 2, 64, 64, 0.1, "cpu")
+
+
+DRIVERS = {
+    "activation": drive_activation, "rope": drive_rope, "norm": drive_norm,
+    "cross_entropy": drive_cross_entropy, "token_merge": drive_token_merge,
+    "attention": drive_attention,
+}
+
+
+# ----------------------------------------------------------------------------- compiling
+def _jobs(launches: list[dict], first_config_only: bool) -> list[tuple]:
+    """Distinct (kernel, signature, constexprs, attrs, options) compiles; ``variant`` groups the
+    autotune configs of one launch."""
+    seen, jobs = set(), []
+    for launch in launches:
+        fn = launch["fn"]
+        configs = launch["configs"][:1] if first_config_only else launch["configs"]
+        variant = None
+        for cfg, options in configs:
+            sig, consts, attrs = _bind(fn, launch["args"], launch["kwargs"], cfg, options)
+            key = (fn.__name__, tuple(sig.items()), str(sorted(consts.items())), str(attrs),
+                   tuple(sorted(options.items())))
+            variant = variant or key
+            if key in seen:
+                continue
+            seen.add(key)
+            jobs.append((variant, fn, sig, consts, attrs, options, len(configs) > 1))
+    return jobs
+
+
+def _describe(fn, signature, consts, options) -> str:
+    ptrs = sorted({t for t in signature.values() if t.startswith("*")})
+    names = list(signature)
+    flags = " ".join(f"{names[k[0]]}={v}" for k, v in consts.items()
+                     if signature[names[k[0]]] == "constexpr")
+    opts = " ".join(f"{k}={v}" for k, v in options.items())
+    return f"{fn.__name__} [{','.join(ptrs)}] {flags} {opts}".strip()
+
+
+def _compile(job) -> tuple[str, str]:
+    _, fn, signature, consts, attrs, options, _ = job
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    try:
+        kernel = triton.compile(src, target=TARGET, options=options)
+    except Exception as e:  # report every compiler error, keep going
+        msg = " ".join(str(e).split())
+        return "FAIL", f"{type(e).__name__}: {msg[:600]}"
+    shared = kernel.metadata.shared
+    if shared > H100_MAX_SHARED:
+        return "SMEM", f"{shared} B shared > {H100_MAX_SHARED}"
+    return "OK", f"{shared} B shared, {kernel.metadata.num_warps} warps"
+
+
+_JOBS: list[tuple] = []
+
+
+def probe() -> str:
+    """'' when this Triton can compile a tl.dot kernel to a cubin for sm_90, else why not."""
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(X, Y, B: tl.constexpr):
+        o = tl.arange(0, B)
+        a = tl.load(X + o[:, None] * B + o[None, :])
+        tl.store(Y + o[:, None] * B + o[None, :], tl.dot(a, a))
+
+    src = triton.compiler.ASTSource(
+        fn=_probe, signature={"X": "*fp16", "Y": "*fp32", "B": "constexpr"}, constexprs={"B": 16})
+    try:
+        kernel = triton.compile(src, target=TARGET, options={"num_warps": 4})
+    except Exception as e:  # no cuda backend, no ptxas, ...
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return "" if kernel.asm.get("cubin") else "no cubin produced"
+
+
+def _compile_index(i: int) -> tuple[str, str]:
+    return _compile(_JOBS[i])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="one or two variants per kernel, the first autotune config only")
+    ap.add_argument("--probe", action="store_true",
+                    help="only check that offline sm_90 compilation works (exit 3 if not)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated ops (default: all)")
+    a = ap.parse_args(argv)
+    if a.probe:
+        reason = probe()
+        print(f"CANNOT COMPILE OFFLINE: {reason}" if reason else "offline sm_90 compile: OK")
+        return 3 if reason else 0
+    ops = [o for o in a.only.split(",") if o] or list(DRIVERS)
+    t0 = time.time()
+    jit_run, tune_run = JITFunction.run, Autotuner.run
+    JITFunction.run, Autotuner.run = _jit_run, _autotune_run
+    try:
+        for op in ops:
+            DRIVERS[op](a.quick)
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tune_run
+    _JOBS[:] = _jobs(_LAUNCHES, a.quick)
+    print(f"{len(_JOBS)} compiles from {len(_LAUNCHES)} launches ({', '.join(ops)})", flush=True)
+    pool = cf.ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("fork")) if a.jobs > 1 \
+        else None
+    outcomes = pool.map(_compile_index, range(len(_JOBS))) if pool else map(
+        _compile_index, range(len(_JOBS)))
+    fails, variant_fit, results = 0, {}, []
+    for job, (status, detail) in zip(_JOBS, outcomes):  # streamed, in job order
+        results.append((status, detail))
+        variant_key, fn, signature, consts, _, options, tuned = job
+        print(f"{status:4} {_describe(fn, signature, consts, options)} :: {detail}", flush=True)
+        fails += status == "FAIL"
+        if status == "SMEM" and not tuned:
+            fails += 1
+        if tuned:
+            variant_fit[variant_key] = variant_fit.get(variant_key, False) or status == "OK"
+    for variant_key, fits in variant_fit.items():
+        if not fits:
+            fails += 1
+            print(f"FAIL {variant_key[0]} {variant_key[2]}: no autotune config compiles "
+                  "within the H100 shared memory", flush=True)
+    if pool:
+        pool.shutdown()
+    n_smem = sum(s == "SMEM" for s, _ in results)
+    print(f"{len(_JOBS)} compiles, {sum(s == 'OK' for s, _ in results)} OK, {n_smem} over "
+          f"shared memory (dropped by the autotuner), {fails} failures, "
+          f"{time.time() - t0:.0f} s", flush=True)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
