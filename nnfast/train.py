@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class TrainConfig:
     out: str = "runs/nnfast"  # run folder: checkpoints, metrics.jsonl, loss.png, sample.txt
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch's CPU threads; 0: $OMP_NUM_THREADS, else half the cores (<= 8)
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float16...
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch per rank
@@ -91,7 +93,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens"):
+        for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -124,6 +127,37 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+def cpu_threads(requested: int = 0, local_world: int = 1) -> tuple[int, str]:
+    """Threads for torch's CPU ops, and where the number comes from.
+
+    ``--threads`` wins, then ``$OMP_NUM_THREADS``; else half of the cores this process may
+    use, split among the ranks on this machine, at most 8. Torch's own default (every core)
+    is the worst choice on a shared or busy machine: a step waits for its slowest thread, and
+    one preempted thread stalls them all (issue 17: 2 threads on 2 busy cores ran 8x slower
+    than 1). The small models a CPU trains gain little from more than a few threads."""
+    if requested > 0:
+        return requested, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "$OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = max(1, min(8, (cores or 1) // 2 // max(1, local_world)))
+    return n, f"default: half of this machine's {cores} cores, at most 8"
+
+
+class Throughput:
+    """Tokens per second over the last ``window`` steps: a moving average, so the progress
+    bar does not jump with one slow step (a busy machine, a checkpoint write)."""
+
+    def __init__(self, tokens_per_step: int, window: int = 20):
+        self.tokens_per_step = tokens_per_step
+        self.times: deque[float] = deque(maxlen=window)
+
+    def update(self, seconds: float) -> float:
+        self.times.append(seconds)
+        return self.tokens_per_step * len(self.times) / max(sum(self.times), 1e-9)
 
 
 def _autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -233,8 +267,12 @@ class Trainer:
         if self.device.type == "cuda":  # TF32 matmuls: fp32 range, ~3x the fp32 throughput
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.notes: list[str] = []  # printed after the data line, which comes first
         ckpt = self._find_resume(cfg, dict(overrides or {}), resume, given)
         self._setup_data(ckpt)
+        for note in self.notes:
+            self.log(note)
+        self._setup_threads()
         self._setup_model(ckpt)
         self._setup_optimizer(ckpt)
         self._setup_run_folder()
@@ -256,10 +294,10 @@ class Trainer:
             self.cfg = dataclasses.replace(
                 cfg, **{k: v for k, v in ckpt_cfg.items() if k not in skip}
             )
-            self.log(f"resume: {ckpt_path} (step {ckpt['step']})")
+            self.notes.append(f"resume: {ckpt_path} (step {ckpt['step']})")
             return ckpt
         if resume:
-            self.log(f"resume: no checkpoint in {self.out}; starting fresh")
+            self.notes.append(f"resume: no checkpoint in {self.out}; starting fresh")
         elif ckpt_path is not None:
             raise FileExistsError(
                 f"{self.out} holds a run already: pass --resume, or choose another --out"
@@ -277,6 +315,16 @@ class Trainer:
                 f"--vocab_size {self.overrides['vocab_size']} < the tokenizer's {vocab}"
             )
         self.overrides.setdefault("vocab_size", vocab)
+
+    def _setup_threads(self) -> None:
+        """On a CPU, pick torch's thread count (``cpu_threads``) and say why."""
+        self.threads = None
+        if self.device.type != "cpu":
+            return
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.threads, why = cpu_threads(self.cfg.threads, local_world)
+        torch.set_num_threads(self.threads)
+        self.log(f"cpu threads: {self.threads} ({why}; set with --threads N or OMP_NUM_THREADS)")
 
     def _setup_model(self, ckpt: dict | None) -> None:
         cfg = self.cfg
@@ -350,6 +398,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             D.save_tokenizer(self.corpus.tokenizer, self.out / "tokenizer.json")
             truncate_metrics(self.metrics_path, self.start)
+            # What this (part of the) run trained on, first: a row without "loss".
+            append_metrics(self.metrics_path, {
+                "step": self.start, "data": self.corpus.description,
+                "embedded_corpus": self.corpus.embedded, "cpu_threads": self.threads,
+            })
 
     # ------------------------------------------------------------------------- steps
     def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -476,6 +529,7 @@ class Trainer:
 
         cfg, start, raw = self.cfg, self.start, self.raw_model
         tokens_per_step = cfg.batch_size * raw.config.block_size * cfg.grad_accum * self.world
+        throughput = Throughput(tokens_per_step)
         peak = models.peak_flops(self.device)
         flops_per_token = raw.estimate_flops_per_token(raw.config.block_size) if peak else None
         save_every = cfg.save_interval or cfg.eval_interval
@@ -489,7 +543,7 @@ class Trainer:
                 self.maybe_grow(step)
                 loss = self.train_step(step)
                 losses.append(loss)
-                tok_s = tokens_per_step / (time.perf_counter() - t0)
+                tok_s = throughput.update(time.perf_counter() - t0)
                 mfu = tok_s / self.world * flops_per_token / peak if peak else None
                 bar.update(1)
                 if step % cfg.log_interval == 0 or step in (start + 1, cfg.max_steps):
@@ -515,7 +569,8 @@ class Trainer:
             self.log(f"sample skipped: {e}")
             return ""
         (self.out / "sample.txt").write_text(text, encoding="utf-8")
-        self.log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
+        title = getattr(self.raw_model, "demo_title", None)  # a task demo, not an LM sample
+        self.log(f"{title or f'sample ({cfg.sample_tokens} tokens)'}:\n{text}")
         return text
 
 def _check_resume(ckpt: dict, cfg: TrainConfig, overrides: dict, given: set[str]) -> None:

@@ -93,6 +93,8 @@ class Bert(MFUMixin, nn.Module):
     ``(None, loss)`` through the fused linear + cross-entropy, or ``(logits, loss)`` with
     ``return_logits=True`` (``nnfast.models.head``)."""
 
+    demo_title = "masked-LM demo (every 7th token masked)"  # the trainer's label for demo()
+
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.config = c = config
