@@ -25,8 +25,10 @@ USAGE = """usage:
 SOURCE: auto (Tiny Shakespeare when found in $NNFAST_DATA_DIR, ./, ./data/ or the cache,
 else pystdlib; never downloads), shakespeare (downloads it once), pystdlib (the Python
 standard library's source, embedded), or a path to a text file, a folder, or .bin token
-shards. The first line of a run says which corpus it trains on and why. Flags may use - or _ (--max-steps == --max_steps). Any field of the
-model's config is a flag too (--n_layer 4 --dropout 0.1). Multi-GPU: torchrun
+shards. The first line of a run says which corpus it trains on and why.
+
+Flags may use - or _ (--max-steps == --max_steps). Any field of the model's config is a
+flag too (--n_layer 4 --dropout 0.1). Multi-GPU: torchrun
 --nproc_per_node N -m nnfast train ...
 """
 
