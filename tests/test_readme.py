@@ -190,7 +190,7 @@ def _handler(argv: list[str]):
     if exe == "pytest" or argv[1:3] == ["-m", "pytest"]:
         return _pytest
     if exe in ("python", "python3") and argv[1:3] == ["-m", "nnfast"]:
-        return _nnfast
+        return _nnfast if argv[3] in ("models", "train") else None
     if exe in ("python", "python3") and argv[1].startswith("examples/"):
         return _example
     if exe == "torchrun":
@@ -226,6 +226,12 @@ def test_architecture_table_command(argv, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("text,line", [(t, n) for lang, t, n in _blocks() if lang == "python"])
 def test_python_block_runs(text, line, tmp_path):
+    for node in ast.walk(ast.parse(text)):  # an optional extra's package (the block says which)
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        for top in {n.split(".")[0] for n in names}:
+            if importlib.util.find_spec(top) is None:
+                pytest.skip(f"README line {line} needs {top}, not installed here")
     checks = "".join(code for key, code in EXPECT.items() if key in text)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # what a user's CPU script gets: the reference path
