@@ -6,7 +6,8 @@ A step: ``grad_accum`` micro-batches (DDP syncs gradients on the last one only),
 check of the loss, clipping, AdamW (fused on CUDA; weight decay on matrices only), then
 the warmup + cosine schedule. Checkpoints hold everything a resumed run needs to continue
 exactly as if it had never stopped: model, optimizer, schedule, step, every RNG state, and
-each rank's data-sampler state (their files: ``nnfast.checkpoint``).
+each rank's data-sampler state (their files and the run lock: ``nnfast.checkpoint``; flags
+given with ``--resume``: ``nnfast.resume``).
 
 The code reads in run order: ``Trainer.__init__`` sets up (devices, the checkpoint to resume,
 data, model, optimizer, run folder); ``Trainer.run`` loops ``train_step`` and, at their
@@ -55,6 +56,7 @@ from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's publ
     save_checkpoint,
     truncate_metrics,
 )
+from nnfast.resume import UsageError, apply_hyperparameters, resumed_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -98,10 +100,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
-
-
-class UsageError(ValueError):
-    """A flag the user can fix: printed as one line, exit status 2."""
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -235,7 +233,10 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    rows = read_metrics(metrics)
+    try:
+        rows = read_metrics(metrics)
+    except RunFolderError:  # a damaged history costs the plot, never the run
+        return False
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)  # an Agg canvas without touching pyplot's global backend
     ax = fig.add_subplot()
@@ -341,7 +342,7 @@ class Trainer:
             self._start_afresh(resume)
             return None
         path, ckpt = found
-        self.cfg = _resumed_config(ckpt, cfg, overrides, given, self.log)
+        self.cfg = resumed_config(ckpt, cfg, overrides, given, self.log, lr_factor)
         self.overrides = dict(ckpt["model_overrides"])
         self.log(f"resume: {path} (step {ckpt['step']})")
         return ckpt
@@ -422,7 +423,8 @@ class Trainer:
                      for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            _apply_hyperparameters(self.optimizer, self.scheduler, fresh, self.cfg)
+            apply_hyperparameters(self.optimizer, self.scheduler, fresh,
+                                  lr_factor(self.scheduler.last_epoch, self.cfg))
             if ckpt["scaler"]:  # empty when saved without float16 loss scaling
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.start = ckpt["step"]
@@ -652,76 +654,6 @@ class Trainer:
         (self.out / "sample.txt").write_text(text, encoding="utf-8")
         self.log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
         return text
-
-def _check_resume(ckpt: dict, cfg: TrainConfig, overrides: dict, given: set[str]) -> None:
-    """The model, tokenizer and random streams of a resumed run are the checkpoint's: a flag
-    that would change them is an error naming it."""
-    clash = [f"--model {cfg.model}"] if "model" in given and cfg.model != ckpt["model"] else []
-    if "preset" in given and cfg.preset != ckpt["preset"]:
-        clash.append(f"--preset {cfg.preset}")
-    clash += [f"--{k} {v}" for k, v in overrides.items() if ckpt["model_overrides"].get(k) != v]
-    if clash:
-        raise UsageError(
-            f"cannot resume with a different model: {', '.join(clash)} differs "
-            f"from the checkpoint's {ckpt['model']}/{ckpt['preset']}"
-        )
-    kind = ckpt["tokenizer"]["kind"]
-    if "tokenizer" in given and cfg.tokenizer not in ("auto", kind):
-        raise UsageError(f"cannot resume with --tokenizer {cfg.tokenizer}: the checkpoint's "
-                         f"token ids are {kind} tokens")
-    seed = ckpt["train_config"].get("seed")
-    if "seed" in given and cfg.seed != seed:
-        raise UsageError(f"cannot resume with --seed {cfg.seed}: a resumed run continues the "
-                         f"checkpoint's random streams (seed {seed})")
-
-
-SCHEDULE_FIELDS = ("lr", "max_steps", "warmup_steps", "lr_decay_steps", "min_lr_ratio")
-
-
-def _resumed_config(ckpt: dict, cfg: TrainConfig, overrides: dict, given: set[str] | None,
-                    log) -> TrainConfig:
-    """The checkpoint's trainer config with every flag given now applied (each change
-    printed), or a UsageError naming a flag that cannot change."""
-    _check_resume(ckpt, cfg, overrides, given or set())
-    names = {f.name for f in dataclasses.fields(cfg)}
-    saved = {k: v for k, v in ckpt["train_config"].items() if k in names}
-    saved.update(model=ckpt["model"], preset=ckpt["preset"])
-    given = names - {"model", "preset"} if given is None else set(given)
-    keep = given | {"out", "overwrite"}  # out: where it was found
-    new = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in keep})
-    step = ckpt["step"]
-    if new.max_steps < step:
-        raise UsageError(f"--max_steps {new.max_steps} is below the checkpoint's step {step}: "
-                         f"pass --max_steps above {step} to train further")
-    changed = sorted(k for k in given & saved.keys() - {"out", "overwrite", "tokenizer"}
-                     if saved[k] != getattr(new, k))
-    if changed:
-        log("resume: applying " + ", ".join(f"--{k} {getattr(new, k)} (was {saved[k]})"
-                                            for k in changed))
-    if set(changed) & set(SCHEDULE_FIELDS):
-        old = dataclasses.replace(new, **{k: saved[k] for k in SCHEDULE_FIELDS if k in saved})
-        now, was = new.lr * lr_factor(step, new), old.lr * lr_factor(step, old)
-        log(f"resume: learning-rate schedule recomputed: lr {now:.4g} at step {step + 1} "
-            f"(was {was:.4g}), cosine ending at step {new.lr_decay_steps or new.max_steps} "
-            f"(was {old.lr_decay_steps or old.max_steps})")
-    if new.max_steps == step:
-        log(f"resume: the run is complete at step {step}; pass --max_steps above {step} to "
-            "train further")
-    return new
-
-
-def _apply_hyperparameters(optimizer, scheduler, fresh: list[dict], cfg: TrainConfig) -> None:
-    """A loaded optimizer state carries the hyperparameters it was saved with: put back this
-    run's (``fresh``: the groups built from ``cfg``) and the lr its schedule gives here."""
-    for g, f in zip(optimizer.param_groups, fresh):
-        for k in ("weight_decay", "betas", "eps", "initial_lr"):
-            g[k] = f[k]
-    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-    factor = lr_factor(scheduler.last_epoch, cfg)  # what LambdaLR computes: base * factor
-    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        g["lr"] = base * factor
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
 
 def _check_token_ids(corpus, vocab: int) -> None:
     """Shards on disk hold another program's ids: one past the vocabulary would index
