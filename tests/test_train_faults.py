@@ -250,6 +250,18 @@ def test_full_disk_is_one_line_and_leaves_no_tmp(corpus, tmp_path, torch_backend
     assert not (out / "run.lock").exists()
 
 
+def test_full_disk_while_logging_is_one_line(corpus, tmp_path, torch_backend, monkeypatch,
+                                             capsys):
+    def full_disk(path, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(T, "append_metrics", full_disk)
+    out = tmp_path / "run"
+    assert cli.main(["train", *base_args(corpus, out)]) == 1
+    one_line_error(capsys, "No space left on device")
+    assert not (out / "run.lock").exists()
+
+
 def test_unwritable_out_is_a_usage_error(corpus, tmp_path, torch_backend, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
