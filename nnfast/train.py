@@ -6,7 +6,8 @@ A step: ``grad_accum`` micro-batches (DDP syncs gradients on the last one only),
 check of the loss, clipping, AdamW (fused on CUDA; weight decay on matrices only), then
 the warmup + cosine schedule. Checkpoints hold everything a resumed run needs to continue
 exactly as if it had never stopped: model, optimizer, schedule, step, every RNG state, and
-each rank's data-sampler state (their files: ``nnfast.checkpoint``).
+each rank's data-sampler state (their files and the run lock: ``nnfast.checkpoint``; flags
+given with ``--resume``: ``nnfast.resume``).
 
 The code reads in run order: ``Trainer.__init__`` sets up (devices, the checkpoint to resume,
 data, model, optimizer, run folder); ``Trainer.run`` loops ``train_step`` and, at their
@@ -28,7 +29,9 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +44,20 @@ import torch.distributed as dist
 import nnfast.models as models
 from nnfast import data as D
 from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's public API)
+    RUN_FILES,
+    RunFolderError,
+    RunLock,
     append_metrics,
+    checkpoint_step,
+    find_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     read_metrics,
+    run_files,
     save_checkpoint,
     truncate_metrics,
 )
+from nnfast.resume import UsageError, apply_hyperparameters, resumed_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -87,23 +97,59 @@ class TrainConfig:
     top_k: int | None = 200
     top_p: float | None = None
 
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
+
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
-                    "log_interval", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
-                     "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        choices = {"device": ("auto", "cpu", "cuda"), "dtype": DTYPES, "tokenizer": D.TOKENIZERS}
-        for name, valid in choices.items():
-            value = getattr(self, name)
-            if value not in valid and not (name == "device" and value.startswith("cuda:")):
-                raise ValueError(f"--{name} must be one of {', '.join(valid)}, got {value!r}")
+        _validate(self)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Every field checked before any work, so a bad value never costs a training run."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        allowed = tuple(t for t in (typing.get_args(tp) or (tp,)))
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " | ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(tp) or (tp,))
+            raise UsageError(f"--{f.name} expects {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} must be a finite number, got {value}")
+
+    def check(ok: bool, name: str, want: str) -> None:
+        if not ok:
+            raise UsageError(f"--{name} must be {want}, got {getattr(cfg, name)}")
+
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
+                 "log_interval", "keep_checkpoints"):
+        check(getattr(cfg, name) >= 1, name, ">= 1")
+    for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
+                 "weight_decay", "grad_clip", "threads"):
+        check(getattr(cfg, name) >= 0, name, ">= 0")
+    check(0.0 <= cfg.val_fraction < 1.0, "val_fraction", "in [0, 1)")
+    check(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]")
+    check(cfg.lr > 0, "lr", "> 0")
+    for name in ("beta1", "beta2"):
+        check(0.0 <= getattr(cfg, name) < 1.0, name, "in [0, 1)")
+    check(cfg.adam_eps > 0, "adam_eps", "> 0")
+    # AdamW's first update is lr / (1 - beta1) (and its decay lr * weight_decay), in float32.
+    step = max(cfg.lr / (1 - cfg.beta1), cfg.lr * cfg.weight_decay)
+    fmax = torch.finfo(torch.float32).max
+    check(step < fmax, "lr", f"small enough that AdamW's step lr / (1 - beta1) = {step:.3g} "
+          f"fits in float32 (< {fmax:.3g})")
+    check(0 <= cfg.seed < 2**32, "seed", "in [0, 2**32)")
+    check(cfg.temperature > 0, "temperature", "> 0")
+    check(cfg.top_k is None or cfg.top_k >= 1, "top_k", ">= 1 (or none)")
+    check(cfg.top_p is None or 0 < cfg.top_p <= 1, "top_p", "in (0, 1] (or none)")
+    choices = {"dtype": DTYPES, "tokenizer": D.TOKENIZERS}
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            raise UsageError(f"--{name} must be one of {', '.join(valid)}, "
+                             f"got {getattr(cfg, name)!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,9 +164,14 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but no CUDA GPU is available")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+            raise UsageError(f"--device {device} but no CUDA GPU is available")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s)")
+        if world > 1:
+            index = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device)
@@ -187,7 +238,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             fused=fused)
 
 
 def _rng_state() -> dict:
@@ -214,7 +266,10 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    rows = read_metrics(metrics)
+    try:
+        rows = read_metrics(metrics)
+    except RunFolderError:  # a damaged history costs the plot, never the run
+        return False
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)  # an Agg canvas without touching pyplot's global backend
     ax = fig.add_subplot()
@@ -243,7 +298,11 @@ def train(
 
     ``given``: the fields set on the command line; on resume the others are the checkpoint's
     (None: all of ``cfg`` counts as given)."""
-    return Trainer(cfg, overrides, resume, given, show_progress).run()
+    trainer = Trainer(cfg, overrides, resume, given, show_progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -260,61 +319,121 @@ class Trainer:
                  show_progress: bool = True):
         self.rank, self.world, self.device = _setup_distributed(cfg.device)
         self.master = self.rank == 0
-        self.log = print if self.master else _quiet
+        self.log = self._log if self.master else _quiet
         self.show_progress = show_progress
         self.out = Path(cfg.out)
         self.metrics_path = self.out / "metrics.jsonl"
         if self.device.type == "cuda":  # TF32 matmuls: fp32 range, ~3x the fp32 throughput
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.notes: list[str] = []  # printed after the data line, which comes first
-        ckpt = self._find_resume(cfg, dict(overrides or {}), resume, given)
-        self._setup_data(ckpt)
-        for note in self.notes:
-            self.log(note)
-        self._setup_threads()
-        self._setup_model(ckpt)
-        self._setup_optimizer(ckpt)
-        self._setup_run_folder()
+        self.lock = None
+        self._pending: list[str] | None = []  # lines held back: the data line comes first
+        try:
+            self._lock_run_folder()
+            ckpt = self._find_resume(cfg, dict(overrides or {}), resume, given)
+            self._setup_data(ckpt)
+            self._setup_threads()
+            self._setup_model(ckpt)
+            self._setup_optimizer(ckpt)
+            self._setup_run_folder()
+        except BaseException:
+            self._flush_log()
+            self.close()
+            raise
+
+    def _log(self, *args, **kwargs) -> None:
+        """Rank 0's ``print``, holding lines back until the data line has been printed."""
+        if self._pending is None:
+            print(*args, **kwargs)
+        else:
+            self._pending.append(" ".join(map(str, args)))
+
+    def _flush_log(self) -> None:
+        pending, self._pending = self._pending or [], None
+        for line in pending:
+            print(line)
+
+    def close(self) -> None:
+        """Let the next trainer have the run folder."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------------- setup
+    def _lock_run_folder(self) -> None:
+        """One trainer per ``--out``: rank 0 takes the lock, and every rank learns the outcome."""
+        error = None
+        if self.master:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.out).acquire(self.log)
+            except RunFolderError as e:
+                error = ("run", str(e))
+            except OSError as e:  # not a folder, not writable, disk full
+                error = ("usage", f"cannot write to --out {self.out}: {e.strerror or e}")
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise (UsageError if error[0] == "usage" else RunFolderError)(error[1])
+
     def _find_resume(self, cfg: TrainConfig, overrides: dict, resume: bool,
                      given: set[str] | None) -> dict | None:
         """The checkpoint to continue from (None: a fresh run); sets ``cfg``, ``overrides``."""
         self.cfg, self.overrides = cfg, overrides
-        ckpt_path = latest_checkpoint(self.out)
-        if resume and ckpt_path is not None:
-            ckpt = load_checkpoint(ckpt_path)
-            _check_resume(ckpt, cfg, overrides, given or set())
-            self.overrides = ckpt["model_overrides"]
-            # Trainer fields not on this command line continue as the run was started.
-            ckpt_cfg = dict(ckpt["train_config"], model=ckpt["model"], preset=ckpt["preset"])
-            every = {f.name for f in dataclasses.fields(cfg)} - {"model", "preset"}
-            skip = set(every if given is None else given) | {"out"}  # out: where it was found
-            self.cfg = dataclasses.replace(
-                cfg, **{k: v for k, v in ckpt_cfg.items() if k not in skip}
-            )
-            self.notes.append(f"resume: {ckpt_path} (step {ckpt['step']})")
-            return ckpt
-        if resume:
-            self.notes.append(f"resume: no checkpoint in {self.out}; starting fresh")
-        elif ckpt_path is not None:
+        if resume and cfg.overwrite:
+            raise UsageError("--resume continues the run in --out and --overwrite deletes it: "
+                             "pass one of them")
+        found = find_checkpoint(self.out, self.log) if resume else None
+        if found is None:
+            self._start_afresh(resume)
+            return None
+        path, ckpt = found
+        self.cfg = resumed_config(ckpt, cfg, overrides, given, self.log, lr_factor)
+        self.overrides = dict(ckpt["model_overrides"])
+        self.log(f"resume: {path} (step {ckpt['step']})")
+        return ckpt
+
+    def _start_afresh(self, resume: bool) -> None:
+        """A new run; a folder holding an old one is used only with --overwrite."""
+        old = run_files(self.out)
+        if not old:
+            if resume:
+                self.log(f"resume: no checkpoint in {self.out}; starting fresh")
+            return
+        if not self.cfg.overwrite:
+            names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+            if resume:
+                raise RunFolderError(
+                    f"{self.out} holds no checkpoint to resume from, but a run's files "
+                    f"({names}): pass --overwrite to start afresh there, or choose another --out"
+                )
             raise FileExistsError(
-                f"{self.out} holds a run already: pass --resume, or choose another --out"
+                f"{self.out} holds a run already: pass --resume, or --overwrite to start "
+                "afresh (deleting it), or choose another --out"
             )
-        return None
+        if self.master:
+            for p in old:
+                p.unlink(missing_ok=True)
+        self.log(f"overwrite: deleted the previous run's {len(old)} files in {self.out}")
 
     def _setup_data(self, ckpt: dict | None) -> None:
         cfg = self.cfg
         saved_tok = D.tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else None
         self.corpus = D.load_corpus(cfg.data, cfg.tokenizer, cfg.val_fraction, saved_tok)
-        self.log(f"data: {self.corpus.description}")
+        if self.master:  # the first line of a run: what it trains on, and why
+            print(f"data: {self.corpus.description}")
+        self._flush_log()
         vocab = self.corpus.tokenizer.vocab_size
         if self.overrides.get("vocab_size", vocab) < vocab:
-            raise ValueError(
+            raise UsageError(
                 f"--vocab_size {self.overrides['vocab_size']} < the tokenizer's {vocab}"
             )
         self.overrides.setdefault("vocab_size", vocab)
+        _check_token_ids(self.corpus, self.overrides["vocab_size"])
+        # The checkpoint records the tokenizer used, not "auto".
+        self.cfg = dataclasses.replace(cfg, tokenizer=self.corpus.tokenizer.kind)
 
     def _setup_threads(self) -> None:
         """On a CPU, pick torch's thread count (``cpu_threads``) and say why."""
@@ -360,9 +479,14 @@ class Trainer:
         self.optimizer, self.scheduler = self._make_optimizer()
         self.start = 0
         if ckpt is not None:
+            fresh = [{k: v for k, v in g.items() if k != "params"}
+                     for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.scaler.load_state_dict(ckpt["scaler"])
+            apply_hyperparameters(self.optimizer, self.scheduler, fresh,
+                                  lr_factor(self.scheduler.last_epoch, self.cfg))
+            if ckpt["scaler"]:  # empty when saved without float16 loss scaling
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.start = ckpt["step"]
             ranks = ckpt["rank_states"]
             if len(ranks) == self.world:
@@ -396,8 +520,11 @@ class Trainer:
     def _setup_run_folder(self) -> None:
         if self.master:
             self.out.mkdir(parents=True, exist_ok=True)
+            for tmp in self.out.glob("*.tmp"):  # we hold the lock: a killed writer's leftovers
+                if checkpoint_step(tmp.with_suffix("")) is not None or tmp.stem in RUN_FILES:
+                    tmp.unlink(missing_ok=True)
             D.save_tokenizer(self.corpus.tokenizer, self.out / "tokenizer.json")
-            truncate_metrics(self.metrics_path, self.start)
+            truncate_metrics(self.metrics_path, self.start, self.log)
             # What this (part of the) run trained on, first: a row without "loss".
             append_metrics(self.metrics_path, {
                 "step": self.start, "data": self.corpus.description,
@@ -479,8 +606,9 @@ class Trainer:
                 extra[k] = t.item() / self.world
         return total.item() / (cfg.eval_steps * self.world), extra
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, loss: float) -> None:
         """A checkpoint after ``step``: everything an exact resume needs, every rank's RNG."""
+        self.check_finite(step, loss)
         mine = {"rng": _rng_state(), "data": self.train_batches.state_dict()}
         ranks = [mine]
         if self.world > 1:
@@ -501,6 +629,27 @@ class Trainer:
         }
         save_checkpoint(self.out, state, step, cfg.keep_checkpoints)
         plot_metrics(self.metrics_path, self.out / "loss.png")
+
+    def check_finite(self, step: int, loss: float) -> None:
+        """A finite loss can still leave NaN weights (the update overflowed): such a state
+        is never saved, so ``latest`` always names a good checkpoint."""
+        named = list(self.raw_model.named_parameters())
+        named += [(f"the optimizer's {k} of {n}", v) for (n, p) in named
+                  for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
+        finite = [torch.isfinite(t).all() for _, t in named]
+        ok = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool)
+        if self.world > 1:  # sharded parameters may differ across ranks: stop together
+            ok = ok.to(self.device, torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            return
+        bad = next((n for (n, _), f in zip(named, finite) if not f), "a parameter on another rank")
+        last = latest_checkpoint(self.out)
+        raise TrainingDiverged(
+            f"{bad} is not finite after step {step} (whose loss, {loss:.4g}, was): step {step} "
+            "is not saved; stopping. Try a lower --lr or --grad_clip"
+            + (f"; the last good checkpoint is {last}" if last else "")
+        )
 
     def write(self, row: dict) -> None:
         if self.master:
@@ -551,7 +700,7 @@ class Trainer:
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     val_loss, val_metrics = self.log_eval(step, loss, bar)
                 if step % save_every == 0 or step == cfg.max_steps:
-                    self.save(step)
+                    self.save(step, loss)
                 t0 = time.perf_counter()  # eval and saving do not count against tokens/s
         text = self.write_sample()
         if self.world > 1:
@@ -573,17 +722,22 @@ class Trainer:
         self.log(f"{title or f'sample ({cfg.sample_tokens} tokens)'}:\n{text}")
         return text
 
-def _check_resume(ckpt: dict, cfg: TrainConfig, overrides: dict, given: set[str]) -> None:
-    """The model of a resumed run is the checkpoint's; a conflicting flag is an error."""
-    clash = [f"--model {cfg.model}"] if "model" in given and cfg.model != ckpt["model"] else []
-    if "preset" in given and cfg.preset != ckpt["preset"]:
-        clash.append(f"--preset {cfg.preset}")
-    clash += [f"--{k} {v}" for k, v in overrides.items() if ckpt["model_overrides"].get(k) != v]
-    if clash:
-        raise ValueError(
-            f"cannot resume with a different model: {', '.join(clash)} differs "
-            f"from the checkpoint's {ckpt['model']}/{ckpt['preset']}"
-        )
+def _check_token_ids(corpus, vocab: int) -> None:
+    """Shards on disk hold another program's ids: one past the vocabulary would index
+    outside the embedding (a device-side crash on GPU). A chunked scan, once per run."""
+    chunk = 1 << 24
+    for ids in corpus.train + corpus.val:
+        if np.issubdtype(ids.dtype, np.integer) and np.iinfo(ids.dtype).max < vocab:
+            continue
+        for lo in range(0, len(ids), chunk):
+            top = int(np.asarray(ids[lo : lo + chunk]).max())
+            if top >= vocab:
+                where = getattr(ids, "filename", None) or "the corpus"
+                raise D.DataError(
+                    f"{where} holds token id {top}, past the vocabulary (ids 0..{vocab - 1}): "
+                    "these shards were made with another tokenizer; pass --vocab_size "
+                    f"{top + 1} or more if the ids are right"
+                )
 
 
 def _sample(model, tokenizer, cfg: TrainConfig, device, autocast) -> str:

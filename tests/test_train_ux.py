@@ -96,3 +96,17 @@ def test_transformer_demo_shows_its_symbols(tmp_path, monkeypatch, capsys, keep_
     assert demo[0] == "task: reverse strings of symbols 0..9; input  ->  model"
     for row in demo[1:5]:  # ids of the task's alphabet, not the corpus's characters
         assert re.fullmatch(r"[0-9 ]+ {2}->  [0-9 ]*", row), row
+
+
+def test_resumed_run_still_says_its_data_first(tmp_path, monkeypatch, capsys, keep_threads):
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 100)
+    _run(tmp_path, "gpt2", "--data", str(text))
+    capsys.readouterr()
+    metrics = _run(tmp_path, "gpt2", "--data", str(text), "--max_steps", "3", "--resume")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"data: text file {text}; char tokenizer, 4,400 tokens"
+    assert lines[1].startswith("resume: ")
+    starts = [json.loads(r) for r in metrics.splitlines() if '"data"' in r]
+    assert [(r["step"], r["embedded_corpus"]) for r in starts] == [(0, False), (2, False)]
