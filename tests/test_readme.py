@@ -5,8 +5,9 @@
 * shell blocks (```bash and plain ```) are split into commands; each command must match a
   handler below, or the test fails and names it. Handlers run what is cheap (``nnfast
   models``, ``--help``), run training jobs with tiny overrides (2 steps), and only check the
-  arguments of what cannot run here (multi-GPU torchrun, GPU scripts, the full suite that is
-  this run). The train commands in the architecture table are checked the same way.
+  arguments of what cannot run here (multi-GPU torchrun, GPU scripts, downloads, the data
+  and run tools that need them, the full suite that is this run). The train commands in
+  the architecture table are checked the same way.
 * The two ```bash commands are the newcomer's path: CI must run the test command verbatim.
 """
 
@@ -147,14 +148,50 @@ def _nnfast(argv: list[str], tmp_path: Path) -> None:
         assert cli.main(args) == 0, args
 
 
+TORCHRUN_FLAGS = {"--nnodes", "--nproc_per_node", "--node_rank", "--rdzv_backend",
+                  "--rdzv_endpoint", "--rdzv_id", "--master_addr", "--master_port"}
+
+
 def _torchrun(argv: list[str], tmp_path: Path) -> None:
-    """Multi-process launches cannot run here: the torchrun flags and the job's own
-    arguments are checked (the data path may be a placeholder)."""
+    """Multi-process (multi-GPU, multi-node) launches cannot run here: the torchrun flags and
+    the job's own arguments are checked (the data path may be a placeholder)."""
     i = argv.index("-m")
     assert argv[i + 1] == "nnfast" and argv[i + 2] == "train", argv
     launcher = argv[1:i]
-    assert launcher[0] == "--nproc_per_node" and launcher[1].isdigit(), launcher
+    flags = launcher[0::2]
+    assert len(launcher) % 2 == 0 and set(flags) <= TORCHRUN_FLAGS, launcher
+    assert "--nproc_per_node" in flags, launcher
     _train(argv[i + 3:], tmp_path, run=False)
+
+
+def _tools() -> set[str]:
+    """The subcommands besides train and models (prepare, eval, ... export), where present."""
+    return {*getattr(cli, "TOOLS", {}), *(["export"] if hasattr(cli, "export_main") else [])}
+
+
+def _nnfast_tool(argv: list[str], tmp_path: Path) -> None:
+    """``prepare``, ``eval``, ``generate``, ``consolidate``, ``export`` need a corpus, a trained
+    run or a download: only their arguments are checked, by the tool's own parser."""
+    sub, rest = argv[3], argv[4:]
+    if sub == "export":  # RUN_DIR DIR [--overwrite]
+        paths = [a for a in rest if not a.startswith("--")]
+        assert len(paths) == 2 and set(rest) - set(paths) <= {"--overwrite"}, rest
+        return
+    module = importlib.import_module(cli.TOOLS[sub])
+    try:
+        module.parser().parse_args(rest)
+    except SystemExit as e:  # argparse's way of rejecting a flag
+        raise AssertionError(f"nnfast {sub} rejects {rest}") from e
+
+
+def _python_c(argv: list[str], tmp_path: Path) -> None:
+    """``python -c CODE`` that downloads a data set: it compiles (it cannot run offline)."""
+    compile(argv[2], "<README python -c>", "exec")
+
+
+def _curl(argv: list[str], tmp_path: Path) -> None:
+    """A download: a well-formed https URL (no network here)."""
+    assert re.fullmatch(r"https://[\w.-]+/\S+", argv[-1]), argv
 
 
 def _example(argv: list[str], tmp_path: Path) -> None:
@@ -190,7 +227,13 @@ def _handler(argv: list[str]):
     if exe == "pytest" or argv[1:3] == ["-m", "pytest"]:
         return _pytest
     if exe in ("python", "python3") and argv[1:3] == ["-m", "nnfast"]:
-        return _nnfast if argv[3] in ("models", "train") else None
+        if argv[3] in ("models", "train"):
+            return _nnfast
+        return _nnfast_tool if argv[3] in _tools() else None
+    if exe in ("python", "python3") and argv[1] == "-c":
+        return _python_c
+    if exe == "curl":
+        return _curl
     if exe in ("python", "python3") and argv[1].startswith("examples/"):
         return _example
     if exe == "torchrun":
