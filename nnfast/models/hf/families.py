@@ -148,16 +148,19 @@ LLAMA_LAYER = [  # (ours, theirs, how ours fuses them)
 ]
 
 def rope_base(cfg: dict) -> float:
-    """RoPE's theta; only unscaled ("default") RoPE is computed exactly by nnfast."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise refuse("rope_parameters.rope_type" if "rope_parameters" in cfg else
-                     "rope_scaling.rope_type", kind, "nnfast's RoPE supports only 'default'")
-    if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
-        raise refuse("partial_rotary_factor", params.get("partial_rotary_factor"),
-                     "Llama export/import rotates the whole head")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    """RoPE's theta; only unscaled ("default") RoPE is computed exactly by nnfast. Both the
+    current ``rope_parameters`` and the legacy ``rope_scaling`` are checked."""
+    theta = cfg.get("rope_theta", 10000.0)
+    for field in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(field) or {}
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise refuse(f"{field}.rope_type", kind, "nnfast's RoPE supports only 'default'")
+        factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if float(factor) != 1.0:
+            raise refuse("partial_rotary_factor", factor, "Llama rotates the whole head")
+        theta = params.get("rope_theta", theta)
+    return float(theta)
 
 
 def llama_from_hf(cfg: dict, hf: dict) -> dict:
