@@ -165,7 +165,11 @@ def nnfast_attention_forward(module, query, key, value, attention_mask, dropout=
                                                    query, key)
         is_causal = False
     if attention_mask is not None and attention_mask.is_floating_point():
+        # transformers masks with finfo.min; the kernel's exp2 scaling would overflow it to
+        # -inf anyway, so say -inf (the same result, without overflow warnings).
         attention_mask = attention_mask.to(query.dtype)
+        floor = torch.finfo(query.dtype).min / 2
+        attention_mask = attention_mask.masked_fill(attention_mask < floor, float("-inf"))
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal,
         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
