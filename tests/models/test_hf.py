@@ -338,3 +338,24 @@ def test_hf_finetune_example_tiny(capsys):
     assert out["max_loss_diff"] < 1e-4
     assert out["report"]["mlps"] == {"LlamaMLP": 2}
     assert "max loss difference" in capsys.readouterr().out
+
+
+def test_cached_generation_and_left_padding_unchanged_by_nnfast(monkeypatch):
+    """Decoding with transformers' KV cache (one query against the cache), left padding and
+    Mistral's sliding window go through the patched ops as they went through sdpa's (the
+    reference path here: this checks the plumbing; the kernels are checked above)."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V - 5, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for hf in (build("llama").eval(),
+               tr.MistralForCausalLM(tr.MistralConfig(**LLAMA, sliding_window=4)).eval()):
+        ref = copy.deepcopy(hf)
+        with torch.no_grad():
+            want = ref.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+            logits = ref(input_ids=ids, attention_mask=mask).logits
+            nnfast.patch(hf)
+            got = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+            torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, logits,
+                                       rtol=0, atol=1e-5)
+        assert torch.equal(got, want)
