@@ -124,7 +124,7 @@ def export_main(argv: list[str]) -> int:
         return 2
     try:
         out = models.hf.export_run(paths[0], paths[1], overwrite=overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}/config.json and {out}/model.safetensors")

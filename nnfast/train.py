@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -160,7 +161,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older: ndarray
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -193,7 +195,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Our own file from before RNG states were tensors (numpy objects in it): load it as
+        # that version did, so older runs still resume.
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def plot_metrics(metrics: Path, png: Path) -> bool:

@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it: local folders only
 tr = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import nnfast  # noqa: E402
 import nnfast.functional as F  # noqa: E402
