@@ -379,9 +379,9 @@ class Trainer:
             self._start_afresh(resume)
             return None
         path, ckpt = found
+        self.notes.append(f"resume: {path} (step {ckpt['step']})")
         self.cfg = resumed_config(ckpt, cfg, overrides, given, self.notes.append, lr_factor)
         self.overrides = dict(ckpt["model_overrides"])
-        self.notes.append(f"resume: {path} (step {ckpt['step']})")
         return ckpt
 
     def _start_afresh(self, resume: bool) -> None:
