@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import socket
 from collections.abc import Callable
@@ -109,8 +110,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    # Our own file, holding numpy RNG state: not loadable with weights_only=True.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Our own file from before RNG states were tensors (numpy objects in it): load it as
+        # that version did, so older runs still resume.
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def find_checkpoint(out: Path, log: Callable = _quiet) -> tuple[Path, dict] | None:
