@@ -29,7 +29,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "matplotlib", "ruff", "safetensors"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "ruff", "safetensors"],
         "plot": ["matplotlib"],
     },
 )
