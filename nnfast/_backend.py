@@ -87,11 +87,26 @@ class _Cache:
     by_type: dict = {}
 
 
+# os.environ.get encodes the key and decodes the value on every call; the mapping it wraps
+# (kept current by every os.environ assignment, monkeypatch.setenv included) answers in a
+# fraction of that, and the raw value is decoded only when it changed. ``os.environ.get``
+# where that CPython detail is missing, and under torch.compile.
+_ENV = getattr(os.environ, "_data", None)
+_KEY = os.environ.encodekey("NNFAST_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _raw_backend():
+    if _ENV is None or _KEY is None or torch.compiler.is_compiling():
+        return os.environ.get("NNFAST_BACKEND")
+    return _ENV.get(_KEY)
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Decide the path for an op whose inputs live on ``tensor.device``."""
-    raw = os.environ.get("NNFAST_BACKEND")
+    raw = _raw_backend()
     if raw != _Cache.raw:
-        _Cache.choice = _parse(raw)  # a bad value raises on every call until it is fixed
+        value = os.environ.decodevalue(raw) if isinstance(raw, bytes) else raw
+        _Cache.choice = _parse(value)  # a bad value raises on every call until it is fixed
         _Cache.by_type = {}
         _Cache.raw = raw
     kind = "cuda" if tensor.is_cuda else "cpu" if tensor.is_cpu else tensor.device.type

@@ -104,7 +104,7 @@ def check_positions(name: str, positions: torch.Tensor, n_rows: int) -> None:
 
 def check_index(name: str, value) -> int:
     """An integer argument (int, numpy or 0-d integer tensor; not bool, not a float)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int:
         return value
     if not isinstance(value, (bool, float)) and hasattr(value, "__index__"):
         try:
@@ -116,7 +116,7 @@ def check_index(name: str, value) -> int:
 
 def check_number(name: str, value, *, allow_none: bool = False) -> float:
     """A real number (int, float, numpy scalar; not bool, not a string)."""
-    if value is None and allow_none:
+    if type(value) is float or (value is None and allow_none):
         return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)

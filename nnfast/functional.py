@@ -58,7 +58,47 @@ def _load(kernel: bool):
 
 
 # ----------------------------------------------------------------------------- norms
+_FLOATS = frozenset(C.FLOAT_DTYPES)
+
+
+def _usual_norm_call(x, normalized_shape, weight, bias, residual) -> int | None:
+    """``n`` when the call is the usual one — one trailing dim, 1-D parameters, everything
+    on x's device in x's dtype (fp32 parameters too) — accepted in a few attribute reads;
+    else None, and ``_norm`` runs the full checks (which raise the messages). It accepts
+    only what those checks accept."""
+    n = normalized_shape
+    if type(n) is tuple and len(n) == 1:
+        n = n[0]
+    if type(n) is not int or not isinstance(x, torch.Tensor) or not 0 < n <= MAX_NORM_SIZE:
+        return None
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOATS or x.dim() == 0 or x.shape[-1] != n:
+        return None
+    for p in (weight, bias):
+        if p is not None and not (
+            isinstance(p, torch.Tensor) and (p.dtype is dtype or p.dtype is torch.float32)
+            and p.dim() == 1 and p.shape[0] == n and p.device == device
+        ):
+            return None
+    if residual is not None and not (
+        isinstance(residual, torch.Tensor) and residual.dtype is dtype
+        and residual.shape == x.shape and residual.device == device
+    ):
+        return None
+    return n
+
+
 def _norm(x, normalized_shape, weight, bias, eps, rms, residual):
+    n = _usual_norm_call(x, normalized_shape, weight, bias, residual)
+    if n is None:
+        n = _check_norm(x, normalized_shape, weight, bias, residual)
+    if eps is None:
+        # As torch.nn.functional.rms_norm: the eps of the compute type (fp32 for fp16/bf16).
+        eps = torch.finfo(torch.float32).eps
+    return _impl("norm", x).layer_norm(x, n, weight, bias, float(eps), rms, residual)
+
+
+def _check_norm(x, normalized_shape, weight, bias, residual) -> int:
     C.check_float("input", x)
     C.check_same_device("input", x, weight=weight, bias=bias, residual=residual)
     n, shape = C.normalized_size(x, normalized_shape, MAX_NORM_SIZE)
@@ -70,10 +110,7 @@ def _norm(x, normalized_shape, weight, bias, eps, rms, residual):
         C.check_float("residual", residual)
         C.check_same_dtype("input", x, residual=residual)
         C.check_shape("residual", residual, tuple(x.shape))
-    if eps is None:
-        # As torch.nn.functional.rms_norm: the eps of the compute type (fp32 for fp16/bf16).
-        eps = torch.finfo(torch.float32).eps
-    return _impl("norm", x).layer_norm(x, n, weight, bias, float(eps), rms, residual)
+    return n
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
