@@ -30,6 +30,7 @@ from nnfast import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+SHELL = ("bash", "sh", "text", "")  # fenced blocks of commands
 FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.S | re.M)
 TINY = ["--max_steps", "2", "--batch_size", "2", "--eval_interval", "2", "--eval_steps", "1",
         "--sample_tokens", "8", "--device", "cpu"]
@@ -65,7 +66,7 @@ def _commands(text: str) -> list[list[str]]:
 
 
 def _shell_commands() -> list[tuple[int, list[str]]]:
-    return [(line, argv) for lang, text, line in _blocks() if lang in ("bash", "sh", "")
+    return [(line, argv) for lang, text, line in _blocks() if lang in SHELL
             for argv in _commands(text)]
 
 
@@ -101,8 +102,8 @@ def _pytest(argv: list[str], tmp_path: Path) -> None:
     target = argv[argv.index("pytest") + 1] if argv[0].endswith("python") else argv[1]
     if target == "tests":
         return
-    assert target == "benchmarks", argv
-    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q",
+    assert target.split("/")[0] == "benchmarks", argv
+    cmd = [sys.executable, "-m", "pytest", target, "--collect-only", "-q",
            "-p", "no:cacheprovider"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -132,6 +133,11 @@ def _train(args: list[str], tmp_path: Path, run: bool = True) -> None:
     if cfg.data == "shakespeare" and not _shakespeare_here():
         pytest.skip("arguments checked; the 2-step run needs Tiny Shakespeare on this "
                     "machine (NNFAST_DATA_DIR; CI sets it)")
+    if cfg.data == D.SHAKESPEARE_FILE and not Path(cfg.data).exists():  # "the file you have"
+        local = D._local_shakespeare()
+        if local is None:
+            pytest.skip("arguments checked; the 2-step run needs tinyshakespeare.txt here")
+        args = [*args, "--data", str(local[0])]
     small = {"gpt2-124m": "debug", "llama2-124m": "debug"}  # keep the tiny run tiny
     preset = small.get(cfg.preset, cfg.preset)
     out = tmp_path / f"run-{cfg.model}"
@@ -214,6 +220,22 @@ def _example(argv: list[str], tmp_path: Path) -> None:
         p.name for p in out.iterdir()}
 
 
+def _bench_module(argv: list[str], tmp_path: Path) -> None:
+    """``python -m benchmarks.test_overhead``: its ratio table, 1 round instead of 31."""
+    assert argv[2] == "benchmarks.test_overhead", f"no check for {argv[2]}: add one"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, *argv[1:], "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "| op | pass |" in res.stdout, res.stderr[-3000:]
+
+
+def _nanogpt(argv: list[str], tmp_path: Path) -> None:
+    """nanoGPT's own command, shown for a side-by-side comparison: another repository's."""
+    assert not (ROOT / "train.py").exists()  # so it cannot be mistaken for ours
+    pytest.skip("nanoGPT's command (github.com/karpathy/nanoGPT), not this repository's")
+
+
 def _venv(argv: list[str], tmp_path: Path) -> None:
     assert argv[1:] == ["-m", "venv", ".venv"], argv
 
@@ -238,6 +260,10 @@ def _handler(argv: list[str]):
         return _example
     if exe == "torchrun":
         return _torchrun
+    if exe in ("python", "python3") and argv[1] == "-m" and argv[2].startswith("benchmarks."):
+        return _bench_module
+    if exe in ("python", "python3") and argv[1] == "train.py" and argv[2].startswith("config/"):
+        return _nanogpt
     if exe == "bash" and argv[1].startswith("scripts/"):
         return _bash_script
     return None
@@ -285,7 +311,7 @@ def test_python_block_runs(text, line, tmp_path):
 
 def test_no_unchecked_blocks():
     langs = {lang for lang, _, _ in _blocks()}
-    assert langs <= {"python", "bash", "sh", ""}, f"a block language nobody checks: {langs}"
+    assert langs <= {"python", *SHELL}, f"a block language nobody checks: {langs}"
     assert any(lang == "python" for lang, _, _ in _blocks())
     assert len(_table_commands()) >= 10  # the architecture table was found
 
