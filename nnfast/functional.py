@@ -239,32 +239,56 @@ def scaled_dot_product_attention(
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+def _check_ce(target, target_shape, reduction, label_smoothing) -> None:
+    """Checks shared by both cross-entropies (target dtype and shape, reduction, smoothing)."""
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target must be an int32 or int64 tensor, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(target.shape) != tuple(target_shape):
+        raise ValueError(f"target must have shape {tuple(target_shape)}, got {tuple(target.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
 def linear_cross_entropy(
-    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    accum_dtype=None,
 ):
     """``cross_entropy(input @ weight.T + bias, target)`` without materializing the logits of
     the whole batch: the vocabulary projection and the loss run in chunks.
-    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int."""
+    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int.
+    ``accum_dtype``: dtype the kernel accumulates the weight's gradient in across chunks
+    (default the weight's; ``torch.float32`` costs a (V, C) fp32 buffer)."""
     C.check_float("input", input)
     C.check_float("weight", weight)
     C.check_same_device("input", input, weight=weight, target=target, bias=bias)
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise ValueError(f"weight must be (V, {input.shape[-1]}), got {tuple(weight.shape)}")
     C.check_shape("bias", bias, (weight.shape[0],))
-    if target.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
-        )
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    _check_ce(target, input.shape[:-1], reduction, label_smoothing)
+    if accum_dtype is not None and accum_dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"accum_dtype must be None or a float dtype, got {accum_dtype}")
     return _impl("cross_entropy", input).linear_cross_entropy(
-        input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing)
+        input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing),
+        accum_dtype,
     )
 
+
+def cross_entropy(input, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy`` of logits ``input`` ``(N, V)`` and class indices ``target``
+    ``(N,)``, computed in fp32 and returned in the logits' dtype; the gradient is written
+    once, in the logits' dtype. As ``linear_cross_entropy``: a mean over no valid target
+    is 0, not NaN."""
+    C.check_float("input", input)
+    C.check_same_device("input", input, target=target)
+    if input.dim() != 2:
+        raise ValueError(f"input must be (N, V) logits, got shape {tuple(input.shape)}")
+    _check_ce(target, input.shape[:1], reduction, label_smoothing)
+    return _impl("cross_entropy", input).cross_entropy(
+        input, target, int(ignore_index), reduction, float(label_smoothing)
+    )
 
 
 # ----------------------------------------------------------------------------- token merging
