@@ -186,7 +186,8 @@ def _configs() -> list[triton.Config]:
 
 # Power-of-two size buckets, not the exact M, N, K: a new batch x length re-tunes only when
 # it crosses a power of two (M and K grow with it).
-_KEY = ["m_bucket", "n_bucket", "k_bucket", "A_MODE", "B_MODE", "C_MODE", "HAS_BIAS", "HAS_DBIAS", "DOT_PREC"]
+_KEY = ["m_bucket", "n_bucket", "k_bucket", "A_MODE", "B_MODE", "C_MODE", "HAS_BIAS", "HAS_DBIAS",
+        "DOT_PREC"]
 _gemm_tuned = triton.autotune(_configs(), key=_KEY)(_gemm)
 
 
