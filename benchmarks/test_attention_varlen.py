@@ -1,10 +1,10 @@
 """Packed variable-length attention: nnfast's varlen kernel on a pack of mixed-length
-sequences vs the same batch padded to the longest sequence through PyTorch SDPA (padding
-keys masked out), and vs flash-attention's ``flash_attn_varlen_func`` where installed.
-Causal, forward+backward. ``extra_info``: tokens/s (real tokens, not padding) and, on
-CUDA, the peak memory of one step in GiB.
+sequences vs the same batch padded to the longest sequence through PyTorch SDPA (causal:
+real queries never reach the padding keys), and vs flash-attention's
+``flash_attn_varlen_func`` where installed. Causal, forward+backward. ``extra_info``:
+tokens/s (real tokens, not padding) and, on CUDA, the peak memory of one step in GiB.
 
-CUDA: bf16, H = 16, D = 128; lengths drawn from a long-tailed mix (1 .. 4096) to 32k real
+CUDA: bf16, H = 16, D = 128; lengths drawn from a long-tailed mix (64 .. 4096) to 32k real
 tokens. Padded SDPA computes B * longest^2 / 2 scores per head, varlen sum(len^2) / 2.
 CPU: one tiny fp32 case (nnfast's reference path vs PyTorch's padded SDPA).
 """

@@ -2,14 +2,23 @@
 
 Layout (B, H, L, D); q has Hq heads, k/v have Hk (GQA: q head h reads kv head
 h // (Hq // Hk), never repeated in memory). One kernel family; the variants are constexpr
-flags: IS_CAUSAL (top-left aligned, query i sees keys j <= i), HAS_MASK + MASK_IS_BOOL
-(a bool or additive float mask read through broadcast strides, stride 0 on broadcast dims),
-HAS_DROPOUT (philox `tl.rand`, regenerated in the backward), STORE_DS (dS for dbias).
+flags: HAS_RIGHT / HAS_LEFT (key j takes part only if j <= i + diag + wr, resp.
+j >= i + diag - wl: causal is HAS_RIGHT with wr = 0, sliding windows set either side; the
+diagonal ``diag`` is 0, top-left, or Lk - Lq, bottom-right), HAS_SOFTCAP (scores
+``softcap * tanh(s / softcap)``, Gemma 2), IS_VARLEN (packed sequences: q (total_q, Hq, D),
+k/v (total_k, Hk, D) seen as (1, H, total, D) with a zero batch stride; program (m, b, h)
+reads sequence b's bounds from int32 ``cu_seqlens`` and exits at once past its end),
+HAS_MASK + MASK_IS_BOOL (a bool or additive float mask read through broadcast strides,
+stride 0 on broadcast dims), HAS_DROPOUT (philox `tl.rand`, regenerated in the backward),
+STORE_DS (dS for dbias).
+
+Key blocks outside a query block's window are never visited (loop bounds from ``_span``),
+and, symmetrically, query blocks outside a key block's window in the dK/dV pass.
 
 Forward (per query block, looping over key blocks): online softmax in fp32 in base 2,
 with the softmax scale folded into ``scale * log2(e)`` so each score costs one multiply and
-one ``exp2``. Causal blocks fully above the diagonal are skipped; blocks fully in bounds and
-below the diagonal run without any score masking (stage 1), the rest with it (stage 2).
+one ``exp2``. Blocks outside the window (above the causal diagonal) are skipped; blocks
+fully in bounds and inside the window run without any score masking, the edges with it.
 The base-2 log-sum-exp of each row, ``lse2 = log2(sum_j 2^(s2_ij))`` with
 ``s2 = log2(e) * (scale * q.k + bias)``, is kept (B, Hq, Lq) fp32 for the backward; a fully
 masked row stores ``+inf`` so that the backward's ``p = 2^(s2 - lse2)`` is exactly 0 there.
@@ -18,6 +27,7 @@ Backward. With P = softmax(S), dropout keep mask Z and r = 1 / (1 - p_drop):
     O = (P * Z * r) V,  dV = (P * Z * r)^T dO,  dP = (dO V^T) * Z * r,
     dS = P * (dP - delta)  with  delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id,
     dQ = scale * dS K,  dK = scale * dS^T Q,  dBias = dS (summed to the mask's shape).
+With softcap, S = c * tanh(scale * q.k / c) + bias and dQ, dK take dS * (1 - tanh^2).
 dK/dV: one program per key block, looping over the q heads of its GQA group and over query
 blocks; dQ (and dS) in a separate pass per query block looping over key blocks. Every
 gradient element is written by exactly one program: no atomics, bitwise deterministic.
@@ -26,7 +36,10 @@ dBias (a float mask that requires grad, e.g. T5's learned bias): the dQ pass wri
 avoids, paid only then -- and torch sums it down to the mask's broadcast shape.
 
 Dropout: keep = philox(seed, b, h, i, j) >= p, the same formula in the forward, both backward
-passes and ``dropout_mask`` (which tests hand to the reference). The seed is drawn from
+passes and ``dropout_mask`` (which tests hand to the reference); varlen uses the sequence
+index for b and local i, j, with the longest key length as the row stride, so
+``dropout_mask(seed, n_seqs, Hq, max_seqlen_q, max_seqlen_k, p)[b, :, :Lq_b, :Lk_b]`` is
+sequence b's mask. The seed is drawn from
 torch's CPU generator, so ``torch.manual_seed`` makes a run reproducible.
 """
 
