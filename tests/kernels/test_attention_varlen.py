@@ -221,6 +221,12 @@ def test_varlen_bad_cu_seqlens(monkeypatch, backend):
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+    # A passed check is remembered per tensor, but an in-place change is checked again.
+    cu = _cu(LQ)
+    F.varlen_attention(q, q, q, cu, cu, 40, 40)
+    cu[2] = 100
+    with pytest.raises(ValueError, match="non-decreasing"):
+        F.varlen_attention(q, q, q, cu, cu, 40, 40)
 
 
 # ----------------------------------------------------------------------------- dense extras
