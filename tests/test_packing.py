@@ -150,3 +150,34 @@ def test_trainer_pack_documents_needs_eot(tmp_path, monkeypatch):
         _args(tmp_path / "c.txt", tmp_path / "run", pack_documents=True))
     with pytest.raises(ValueError, match="pack_documents"):
         T.train(cfg, overrides, resume, given, show_progress=False)
+
+
+def test_windowed_kv_cache_matches_full_forward(monkeypatch):
+    """Token-by-token decoding through KV caches (bottom-right causal + window) gives the
+    full forward's hidden states."""
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    model = _model(pos="rope", window_size=3, attn_softcap=4.0).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full = model.hidden_states(x)
+        caches = model.make_caches(2, 9)
+        steps = [model.hidden_states(x[:, :4], caches)]
+        steps += [model.hidden_states(x[:, t:t + 1], caches) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_mha_window_softcap_fast_and_weights_paths_agree(monkeypatch):
+    import nnfast
+
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    torch.manual_seed(0)
+    mha = nnfast.Attention(32, 4, batch_first=True, window_size=(2, 1), softcap=3.0).eval()
+    x = torch.randn(2, 11, 32)
+    fast = mha(x, x, x, need_weights=False)[0]
+    slow, w = mha(x, x, x, need_weights=True)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    assert (w[:, (j < i - 2) | (j > i + 1)] == 0).all()  # outside the window: no weight
+    plain = nnfast.Attention(32, 4, batch_first=True).eval()
+    plain.load_state_dict(mha.state_dict())
+    assert not torch.allclose(plain(x, x, x, need_weights=False)[0], fast)
