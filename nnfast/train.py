@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 import nnfast.models as models
 from nnfast import data as D
+from nnfast import packing
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -74,6 +75,7 @@ class TrainConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
+    pack_documents: bool = False  # rows of whole EOT-separated documents, no cross-doc attention
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
@@ -279,9 +281,10 @@ def train(
     )
 
     data_seed = cfg.seed + 7919 * rank  # each rank its own stream of windows
-    train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, device, data_seed)
-    val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size, device,
-                            data_seed, name="val split")
+    Batches = packing.batches_class(cfg.pack_documents, corpus.tokenizer, raw_model, D.Batches)
+    train_batches = Batches(corpus.train, mc.block_size, cfg.batch_size, device, data_seed)
+    val_batches = Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size, device,
+                          data_seed, name="val split")
 
     optimizer = make_optimizer(raw_model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -312,10 +315,10 @@ def train(
 
     model = wrap(raw_model)
 
-    def batch_kwargs(x: torch.Tensor, y: torch.Tensor) -> dict:
+    def batch_kwargs(x: torch.Tensor, y: torch.Tensor, *packed) -> dict:
         if hasattr(raw_model, "prepare_batch"):
             return raw_model.prepare_batch(x, y)
-        return {"idx": x, "targets": y}
+        return packing.batch_kwargs({"idx": x, "targets": y}, packed)
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     )

@@ -183,15 +183,23 @@ def drive_attention(quick: bool) -> None:
     from nnfast.kernels import attention as m
     seed = torch.tensor(1234, dtype=torch.int64)
 
-    def run(dtype, D, causal, mask_kind, p, need_ds, Lq=128, Lk=128):
+    def run(dtype, D, causal, mask_kind, p, need_ds, Lq=128, Lk=128, window=(-1, -1),
+            softcap=0.0, varlen=False):
         B, Hq, Hk = 1, 4, 2
         q = _t(B, Hq, Lq, D, dtype=dtype)
         k, v = _t(B, Hk, Lk, D, dtype=dtype), _t(B, Hk, Lk, D, dtype=dtype)
         mask = {None: None, "bool": torch.ones(1, 1, Lq, Lk, dtype=torch.bool),
                 "float": torch.zeros(1, Hq, Lq, Lk, dtype=dtype)}[mask_kind]
-        m._fwd(q, k, v, mask, seed, p, causal, D**-0.5)
+        extra = dict(window=window, softcap=softcap, bottom_right=varlen)
         lse = _t(B, Hq, Lq, dtype=torch.float32)
-        m._bwd(q, q, k, v, q, lse, mask, seed, p, causal, D**-0.5, need_ds)
+        if varlen:  # (total, H, D) packs of 3 sequences
+            q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+            cu = torch.tensor([0, 10, 60, Lq], dtype=torch.int32)
+            extra.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=Lq - 60,
+                         max_seqlen_k=Lk - 60)
+            lse = _t(Hq, Lq, dtype=torch.float32)
+        m._fwd(q, k, v, mask, seed, p, causal, D**-0.5, **extra)
+        m._bwd(q, q, k, v, q, lse, mask, seed, p, causal, D**-0.5, need_ds, **extra)
 
     if quick:
         run(torch.float16, 64, True, None, 0.0, False)
@@ -204,6 +212,9 @@ def drive_attention(quick: bool) -> None:
             for causal in (True, False):
                 run(dtype, D, causal, None, 0.0, False)
             run(dtype, D, True, None, 0.0, False, Lq=16)  # decode: the BLOCK_M=16 configs
+            # issue 14's flags with every config: packed causal, sliding window + softcap.
+            run(dtype, D, True, None, 0.0, False, varlen=True)
+            run(dtype, D, True, None, 0.0, False, window=(255, -1), softcap=50.0)
     # ... and every flag combination at D=128 (dedup keeps the distinct ones), with the first
     # autotune config only: the configs were all compiled above, the flags change no tiling.
     global _FIRST_CONFIG_ONLY
@@ -214,6 +225,13 @@ def drive_attention(quick: bool) -> None:
                 for p in (0.0, 0.1):
                     for need_ds in (False, True) if mask_kind == "float" else (False,):
                         run(dtype, 128, causal, mask_kind, p, need_ds)
+        # window sides x softcap x varlen (x dropout), first config each.
+        for window in ((-1, -1), (31, -1), (-1, 7), (15, 15)):
+            for softcap in (0.0, 20.0):
+                for varlen in (False, True):
+                    for p in (0.0, 0.1) if varlen else (0.0,):
+                        run(dtype, 128, False, None, p, False, window=window,
+                            softcap=softcap, varlen=varlen)
     _FIRST_CONFIG_ONLY = False
     m.dropout_mask(1, 1, 2, 64, 64, 0.1, "cpu")
 
