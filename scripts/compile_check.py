@@ -280,8 +280,9 @@ _HEX = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 def sass_stats(cubin: bytes) -> dict:
     """Registers, local (spill) bytes, HGMMA and TMA instruction counts, and the main loop's
     instruction count of a cubin, by Triton's bundled cuobjdump. The main loop is the
-    innermost (shortest) backward-branch span holding an HGMMA, else the longest span; Triton
-    kernels use local memory only for spills, so ``local`` is the spill bytes."""
+    innermost (shortest) backward-branch span holding an HGMMA, else the longest span. Spills
+    live in the stack frame (ptxas' "bytes stack frame"; Triton kernels have no local
+    arrays), so ``spill`` is STACK + LOCAL bytes, ``stl`` the spill-store instructions."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -299,7 +300,9 @@ def sass_stats(cubin: bytes) -> dict:
             body = [t for a, t in instrs if int(m.group(1), 16) <= a <= addr]
             loops.append((any("HGMMA" in t for t in body), len(body)))
     mma = [n for has, n in loops if has]
-    return dict(regs=int(usage.get("REG", -1)), local=int(usage.get("LOCAL", 0)),
+    return dict(regs=int(usage.get("REG", -1)),
+                spill=int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
+                stl=sum(t.startswith("STL") for _, t in instrs),
                 hgmma=sum("HGMMA" in t for _, t in instrs),
                 tma=sum(t.startswith(("UTMALDG", "UTMASTG", "UBLKCP")) for _, t in instrs),
                 loop=min(mma) if mma else max((n for _, n in loops), default=0))
@@ -318,7 +321,8 @@ def _compile(job) -> tuple[str, str]:
         return "SMEM", f"{shared} B shared > {H100_MAX_SHARED}"
     st = sass_stats(kernel.asm["cubin"])
     return "OK", (f"{shared} B shared, {kernel.metadata.num_warps} warps, regs={st['regs']} "
-                  f"spill={st['local']} hgmma={st['hgmma']} tma={st['tma']} loop={st['loop']}")
+                  f"spill={st['spill']} stl={st['stl']} hgmma={st['hgmma']} "
+                  f"tma={st['tma']} loop={st['loop']}")
 
 
 _JOBS: list[tuple] = []
