@@ -19,6 +19,8 @@ USAGE = """usage:
   python -m nnfast train --model NAME --preset PRESET --data SOURCE --max_steps N --out DIR
                          [--resume] [--device cpu|cuda] [--compile] [--FIELD VALUE ...]
   python -m nnfast models          list the models and their presets
+  python -m nnfast export RUN_DIR DIR [--overwrite]
+                                   a run's latest checkpoint as a Hugging Face folder
   python -m nnfast train --help    list every trainer field
 
 SOURCE: auto (Tiny Shakespeare when on this machine, else pystdlib), shakespeare, pystdlib
@@ -113,6 +115,22 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def export_main(argv: list[str]) -> int:
+    """``python -m nnfast export RUN_DIR DIR [--overwrite]``: 0, or 2 with one error line."""
+    overwrite = "--overwrite" in argv
+    paths = [a for a in argv if a != "--overwrite"]
+    if len(paths) != 2 or any(p.startswith("--") for p in paths):
+        print("usage: python -m nnfast export RUN_DIR DIR [--overwrite]", file=sys.stderr)
+        return 2
+    try:
+        out = models.hf.export_run(paths[0], paths[1], overwrite=overwrite)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
 def _train_help() -> str:
     types_ = _field_types()
     lines = [USAGE, "trainer fields (default):"]
@@ -134,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, presets in models.list_models().items():
             print(f"{name}: {', '.join(presets)}")
         return 0
+    if cmd == "export":
+        return export_main(rest)
     if cmd != "train":
-        print(f"error: unknown command {cmd!r}; valid: train, models\n\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command {cmd!r}; valid: train, models, export\n\n{USAGE}",
+              file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
         print(_train_help())
