@@ -33,8 +33,9 @@ def offline_compile():
 
 
 def test_kernels_compile_for_sm90(offline_compile):
-    """Every quick-set kernel compiles; with --assert-stats also: no spilled byte, HGMMA in
-    every fp16/bf16 tl.dot kernel, the attention forward's main loop within its bound."""
+    """Every quick-set kernel compiles; with --assert-stats also: HGMMA in every fp16/bf16
+    tl.dot kernel, the attention forward's main loop within its bound. Spills are reported
+    (spill=, stl=) but not asserted: some flagged variants still spill (issue 10)."""
     result = _run("--quick", "--jobs", "2", "--assert-stats", timeout=600)
     lines = result.stdout.splitlines()
     failures = [line for line in lines if line.startswith("FAIL")]
