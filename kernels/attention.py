@@ -415,6 +415,8 @@ def _attn_bwd_dkdv(
     # (HAS_LEFT): the query blocks outside are skipped.
     lo, mid_lo, mid_hi, hi = _span(start_n, seqlen_q, -diag - wr, wl - diag,
                                    HAS_RIGHT, HAS_LEFT, BLOCK_N, BLOCK_M)
+    if not HAS_LEFT:  # query rows past seqlen_q read lse = +inf: the tail needs no mask
+        mid_hi = hi
     for g in range(GROUP):  # the q heads sharing this kv head, in a fixed order
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -436,12 +438,13 @@ def _attn_bwd_dkdv(
             offs_n, offs_m0, offs_d, d_ok, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl,
             wr, scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
-        dk, dv = _dkdv_inner(  # the left edge of the window and the query tail
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
-            offs_n, offs_m0, offs_d, d_ok, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl,
-            wr, scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+        if HAS_LEFT:  # the left edge of the window
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
+                offs_n, offs_m0, offs_d, d_ok, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl,
+                wr, scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn
