@@ -610,10 +610,16 @@ def _prune_fwd(configs, named_args, **kwargs):
     if lq is None:
         return configs
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)]
-    # Head dim >= 128: 128-row tiles on 4 warps spill registers on sm_90 (ptxas: 440 B
-    # causal, 648 B window + softcap at 128 x 64); their 8-warp twins do not.
-    if named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 0)) >= 128:
-        kept = [c for c in kept if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
+    return _prune_spilling(kept, named_args, **kwargs) or configs
+
+
+def _prune_spilling(configs, named_args, **kwargs):
+    # Head dim >= 128: 128-row tiles on 4 warps spill registers on sm_90 (ptxas, bf16: fwd
+    # 440 B causal, 648 B window + softcap at 128 x 64; dQ 16-92 B at 128 x 32); their
+    # 8-warp twins do not.
+    if named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 0)) < 128:
+        return configs
+    kept = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
     return kept or configs
 _DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
     (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)])
@@ -622,7 +628,8 @@ _DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
 _fwd_kernel = triton.autotune(_FWD, key=_KEY,
                               prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
 _dkdv_kernel = triton.autotune(_DKDV, key=_KEY)(_attn_bwd_dkdv)
-_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"])(_attn_bwd_dq)
+_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"],
+                             prune_configs_by={"early_config_prune": _prune_spilling})(_attn_bwd_dq)
 
 
 def _mask_view(mask: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor):
