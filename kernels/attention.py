@@ -415,6 +415,8 @@ def _attn_bwd_dkdv(
     # (HAS_LEFT): the query blocks outside are skipped.
     lo, mid_lo, mid_hi, hi = _span(start_n, seqlen_q, -diag - wr, wl - diag,
                                    HAS_RIGHT, HAS_LEFT, BLOCK_N, BLOCK_M)
+    if not HAS_LEFT:  # query rows past seqlen_q read lse = +inf: the tail needs no mask
+        mid_hi = hi
     for g in range(GROUP):  # the q heads sharing this kv head, in a fixed order
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -436,12 +438,13 @@ def _attn_bwd_dkdv(
             offs_n, offs_m0, offs_d, d_ok, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl,
             wr, scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT,
             HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
-        dk, dv = _dkdv_inner(  # the left edge of the window and the query tail
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
-            offs_n, offs_m0, offs_d, d_ok, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl,
-            wr, scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+        if HAS_LEFT:  # the left edge of the window
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
+                stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
+                offs_n, offs_m0, offs_d, d_ok, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl,
+                wr, scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn
@@ -600,14 +603,13 @@ _FWD = _configs([(32, 16, 4, 1)] if interpreting() else [
     (64, 32, 4, 2), (16, 128, 4, 3), (16, 64, 4, 2)])
 
 
-# Configs that spill registers on sm_90 (scripts/compile_check.py, Triton 3.6 and 3.9, fp16,
-# spill = ptxas' stack frame), by kernel and head-dim class (BLOCK_D > 64: "wide"): the
-# autotuner never times them. (BLOCK_M, BLOCK_N, num_warps).
+# dK/dV configs that spill registers on sm_90 (scripts/compile_check.py, Triton 3.6 and 3.9,
+# fp16, non-causal, spill = ptxas' stack frame), by head-dim class (BLOCK_D > 64: "wide"):
+# the autotuner never times them. (BLOCK_M, BLOCK_N, num_warps). The forward's and dQ's
+# are pruned by _prune_spilling.
 _SPILLS = {
-    ("fwd", True): {(128, 64, 4)},  # 152-280 B at D=128
     ("dkdv", False): {(32, 128, 4)},  # 72-128 B at D=64
     ("dkdv", True): {(32, 128, 4), (64, 128, 8), (64, 64, 4)},  # 984 / 48 / 176 B, D=128
-    ("dq", True): {(128, 32, 4)},  # issue 10's measurement at D=128
 }
 
 
@@ -626,11 +628,20 @@ def _spill_free(kind: str):
 def _prune_fwd(configs, named_args, **kwargs):
     # Decoding (a handful of queries) wastes most of a 64/128-row block: BLOCK_M = 16 configs
     # are for short query lengths only, and only they are tried there.
-    configs = _spill_free("fwd")(configs, named_args, **kwargs)
     lq = named_args.get("lq_bucket", kwargs.get("lq_bucket"))
     if lq is None:
         return configs
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)]
+    return _prune_spilling(kept, named_args, **kwargs) or configs
+
+
+def _prune_spilling(configs, named_args, **kwargs):
+    # Head dim >= 128: 128-row tiles on 4 warps spill registers on sm_90 (ptxas, bf16: fwd
+    # 440 B causal, 648 B window + softcap at 128 x 64; dQ 16-92 B at 128 x 32); their
+    # 8-warp twins do not.
+    if named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 0)) < 128:
+        return configs
+    kept = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
     return kept or configs
 
 
@@ -642,8 +653,8 @@ _fwd_kernel = triton.autotune(_FWD, key=_KEY,
                               prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
 _dkdv_kernel = triton.autotune(_DKDV, key=_KEY, prune_configs_by={
     "early_config_prune": _spill_free("dkdv")})(_attn_bwd_dkdv)
-_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"], prune_configs_by={
-    "early_config_prune": _spill_free("dq")})(_attn_bwd_dq)
+_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"],
+                             prune_configs_by={"early_config_prune": _prune_spilling})(_attn_bwd_dq)
 
 
 def _mask_view(mask: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor):

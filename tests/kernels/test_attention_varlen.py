@@ -301,3 +301,14 @@ def test_dense_bad_extras(monkeypatch, backend):
                       (dict(causal_alignment="bottom"), "causal_alignment")]:
         with pytest.raises(ValueError, match=match):
             F.scaled_dot_product_attention(q, q, q, **kw)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+def test_varlen_kernel_traces_with_torch_compile():
+    """The varlen custom op (its schema and fake impl) traces with no graph break."""
+    q, k, v = _pack([3, 9], [3, 9], 2, 1, 16)
+    cu = _cu([3, 9])
+    want = K.varlen_attention(q, k, v, cu, cu, 9, 9, 0.0, True, 0.25, window=(4, -1))
+    torch._dynamo.reset()
+    fn = torch.compile(K.varlen_attention, backend="eager", fullgraph=True)
+    assert torch.equal(fn(q, k, v, cu, cu, 9, 9, 0.0, True, 0.25, window=(4, -1)), want)
