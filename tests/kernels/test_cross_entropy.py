@@ -309,3 +309,13 @@ def test_plain_cross_entropy_reference_and_bad_input(monkeypatch):
         Fn.cross_entropy(z[None], t)
     with pytest.raises(ValueError, match="reduction"):
         Fn.cross_entropy(z, t, reduction="avg")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_plain_cross_entropy_target_out_of_range(monkeypatch, backend):
+    """hfunc's check on both paths (auto: the kernel, through the interpreter here)."""
+    monkeypatch.setenv("NNFAST_BACKEND", backend)
+    z = torch.randn(4, 11)
+    with pytest.raises(ValueError, match="target"):
+        Fn.cross_entropy(z, torch.tensor([0, 11, 2, -100]))
+    assert Fn.cross_entropy(z, torch.tensor([0, 10, 2, -100])).isfinite()
