@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 import nnfast.models as models
 from nnfast import data as D
+from nnfast import packing
 from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's public API)
     RUN_FILES,
     RunFolderError,
@@ -98,6 +99,7 @@ class TrainConfig:
     top_p: float | None = None
 
     adam_eps: float = 1e-8  # AdamW's epsilon
+    pack_documents: bool = False  # rows of whole EOT-separated documents, no cross-doc attention
     overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
 
     def __post_init__(self) -> None:
@@ -454,10 +456,12 @@ class Trainer:
         )
         self.data_seed = cfg.seed + 7919 * self.rank  # each rank its own stream of windows
         corpus = self.corpus
-        self.train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, self.device,
-                                       self.data_seed)
-        self.val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size,
-                                     self.device, self.data_seed, name="val split")
+        Batches = packing.batches_class(cfg.pack_documents, corpus.tokenizer, self.raw_model,
+                                        D.Batches)
+        self.train_batches = Batches(corpus.train, mc.block_size, cfg.batch_size, self.device,
+                                     self.data_seed)
+        self.val_batches = Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size,
+                                   self.device, self.data_seed, name="val split")
         amp_dtype = _autocast_dtype(cfg.dtype, self.device)
         self.autocast = (
             torch.autocast(self.device.type, dtype=amp_dtype)
@@ -523,10 +527,10 @@ class Trainer:
             })
 
     # ------------------------------------------------------------------------- steps
-    def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+    def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor, *packed) -> dict:
         if hasattr(self.raw_model, "prepare_batch"):
             return self.raw_model.prepare_batch(x, y)
-        return {"idx": x, "targets": y}
+        return packing.batch_kwargs({"idx": x, "targets": y}, packed)
 
     def maybe_grow(self, step: int) -> None:
         """Let a growing model grow before ``step``; new parameters need a new optimizer."""
