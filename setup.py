@@ -30,7 +30,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "matplotlib", "ruff", "safetensors", "transformers"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "ruff", "safetensors",
+                "transformers"],
         "hf": ["transformers", "safetensors"],
         "plot": ["matplotlib"],
     },

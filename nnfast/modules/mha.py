@@ -275,7 +275,8 @@ class Attention(nn.Module):
             s = s.masked_fill(~allowed, -math.inf)
         if mask is not None:  # s: (B, H, L, S)
             s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
-        m = s.detach().amax(dim=-1, keepdim=True)
+        # No key at all (empty memory): a max of 0, so the output and weights are zeros.
+        m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(1)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(s - m)
         denom = e.sum(dim=-1, keepdim=True)
