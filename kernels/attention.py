@@ -603,6 +603,28 @@ _FWD = _configs([(32, 16, 4, 1)] if interpreting() else [
     (64, 32, 4, 2), (16, 128, 4, 3), (16, 64, 4, 2)])
 
 
+# dK/dV configs that spill registers on sm_90 (scripts/compile_check.py, Triton 3.6 and 3.9,
+# fp16, non-causal, spill = ptxas' stack frame), by head-dim class (BLOCK_D > 64: "wide"):
+# the autotuner never times them. (BLOCK_M, BLOCK_N, num_warps). The forward's and dQ's
+# are pruned by _prune_spilling.
+_SPILLS = {
+    ("dkdv", False): {(32, 128, 4)},  # 72-128 B at D=64
+    ("dkdv", True): {(32, 128, 4), (64, 128, 8), (64, 64, 4)},  # 984 / 48 / 176 B, D=128
+}
+
+
+def _spill_free(kind: str):
+    """An early_config_prune dropping the configs of ``_SPILLS`` for this head dim (all of
+    them kept if nothing would be left, e.g. on other GPUs the table does not describe)."""
+    def prune(configs, named_args, **kwargs):
+        wide = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)) > 64
+        bad = _SPILLS.get((kind, wide), set())
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in bad]
+        return kept or configs
+    return prune
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     # Decoding (a handful of queries) wastes most of a 64/128-row block: BLOCK_M = 16 configs
     # are for short query lengths only, and only they are tried there.
@@ -621,13 +643,16 @@ def _prune_spilling(configs, named_args, **kwargs):
         return configs
     kept = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
     return kept or configs
+
+
 _DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
     (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)])
 _DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _fwd_kernel = triton.autotune(_FWD, key=_KEY,
                               prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
-_dkdv_kernel = triton.autotune(_DKDV, key=_KEY)(_attn_bwd_dkdv)
+_dkdv_kernel = triton.autotune(_DKDV, key=_KEY, prune_configs_by={
+    "early_config_prune": _spill_free("dkdv")})(_attn_bwd_dkdv)
 _dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"],
                              prune_configs_by={"early_config_prune": _prune_spilling})(_attn_bwd_dq)
 

@@ -436,41 +436,71 @@ def varlen_attention(
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+def _check_ce(target, target_shape, reduction, label_smoothing) -> None:
+    """Checks shared by both cross-entropies (target dtype and shape, reduction, smoothing)."""
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target must be an int32 or int64 tensor, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(target.shape) != tuple(target_shape):
+        raise ValueError(f"target must have shape {tuple(target_shape)}, got {tuple(target.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
 def linear_cross_entropy(
-    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    accum_dtype=None,
 ):
     """``cross_entropy(input @ weight.T + bias, target)`` without materializing the logits of
     the whole batch: the vocabulary projection and the loss run in chunks.
-    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int."""
+    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int.
+    ``accum_dtype``: dtype the kernel accumulates the weight's gradient in across chunks
+    (default the weight's; ``torch.float32`` costs a (V, C) fp32 buffer)."""
     C.check_float("input", input)
     C.check_float("weight", weight)
     C.check_same_device("input", input, weight=weight, target=target, bias=bias)
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise ValueError(f"weight must be (V, {input.shape[-1]}), got {tuple(weight.shape)}")
     C.check_shape("bias", bias, (weight.shape[0],))
-    if target.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
-        )
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    _check_ce(target, input.shape[:-1], reduction, label_smoothing)
+    if accum_dtype is not None and accum_dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"accum_dtype must be None or a float dtype, got {accum_dtype}")
     ignore_index = C.check_index("ignore_index", ignore_index)
+    args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
+    return _ce_dispatch("linear_cross_entropy", input, target, weight.shape[0], ignore_index,
+                        args, accum_dtype)
+
+
+def _ce_dispatch(name, input, target, n_classes, ignore_index, args, *extra):
+    """Run kernel or reference ``name``; targets outside [0, n_classes) (not ignore_index)
+    raise a ValueError on both paths (hfunc's check_class_targets)."""
     kernel = use_triton(input)
     impl = (_PACKAGES[kernel] or _load(kernel)).cross_entropy
-    args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
     if kernel:  # the kernel reads target as an index without a bounds check: check first
-        C.check_class_targets("target", target, weight.shape[0], ignore_index)
-        return impl.linear_cross_entropy(*args)
+        C.check_class_targets("target", target, n_classes, ignore_index)
+        return getattr(impl, name)(*args, *extra)
     try:  # the reference checks the bounds itself (an IndexError): no extra pass
-        return impl.linear_cross_entropy(*args)
+        return getattr(impl, name)(*args, *extra)
     except IndexError:
-        C.check_class_targets("target", target, weight.shape[0], ignore_index)
+        C.check_class_targets("target", target, n_classes, ignore_index)
         raise
 
+
+def cross_entropy(input, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy`` of logits ``input`` ``(N, V)`` and class indices ``target``
+    ``(N,)``, computed in fp32 and returned in the logits' dtype; the gradient is written
+    once, in the logits' dtype. As ``linear_cross_entropy``: a mean over no valid target
+    is 0, not NaN."""
+    C.check_float("input", input)
+    C.check_same_device("input", input, target=target)
+    if input.dim() != 2:
+        raise ValueError(f"input must be (N, V) logits, got shape {tuple(input.shape)}")
+    _check_ce(target, input.shape[:1], reduction, label_smoothing)
+    ignore_index = C.check_index("ignore_index", ignore_index)
+    args = (input, target, ignore_index, reduction, float(label_smoothing))
+    return _ce_dispatch("cross_entropy", input, target, input.shape[1], ignore_index, args)
 
 
 # ----------------------------------------------------------------------------- token merging
