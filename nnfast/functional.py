@@ -339,7 +339,7 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     return _impl("attention", query).attention(
-        query, key, value, attn_mask, dropout_p, bool(is_causal), scale,
+        query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
         window=window, bottom_right=causal_alignment == "bottom_right", softcap=cap,
         return_lse=bool(return_lse),
     )
