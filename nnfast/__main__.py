@@ -20,6 +20,10 @@ USAGE = """usage:
                          [--resume] [--device cpu|cuda] [--compile] [--FIELD VALUE ...]
   python -m nnfast models          list the models and their presets
   python -m nnfast train --help    list every trainer field
+  python -m nnfast prepare SOURCE --out DIR     text/.jsonl(.gz) -> llm.c token shards
+  python -m nnfast eval RUN_DIR --task hellaswag --data FILE.jsonl
+  python -m nnfast generate RUN_DIR --prompt TEXT
+  python -m nnfast consolidate RUN_DIR_OR_CKPT.dcp   sharded (FSDP) -> one .pt checkpoint
 
 SOURCE: auto (Tiny Shakespeare when on this machine, else pystdlib), shakespeare, pystdlib
 (the Python standard library's source, no download), or a path to a text file, a folder,
@@ -27,6 +31,10 @@ or .bin token shards. Flags may use - or _ (--max-steps == --max_steps). Any fie
 model's config is a flag too (--n_layer 4 --dropout 0.1). Multi-GPU: torchrun
 --nproc_per_node N -m nnfast train ...
 """
+
+
+TOOLS = {"prepare": "nnfast.prepare", "eval": "nnfast.evaluate", "generate": "nnfast.generate",
+         "consolidate": "nnfast.distributed"}
 
 
 def _field_types() -> dict[str, Any]:
@@ -134,8 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, presets in models.list_models().items():
             print(f"{name}: {', '.join(presets)}")
         return 0
+    if cmd in TOOLS:  # prepare, eval, generate, consolidate: each module parses its own flags
+        import importlib
+
+        return importlib.import_module(TOOLS[cmd]).main(rest)
     if cmd != "train":
-        print(f"error: unknown command {cmd!r}; valid: train, models\n\n{USAGE}", file=sys.stderr)
+        valid = ", ".join(["train", "models", *TOOLS])
+        print(f"error: unknown command {cmd!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
         print(_train_help())

@@ -292,7 +292,10 @@ class Corpus:
 
 def _split(ids: np.ndarray, val_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
     n_val = int(len(ids) * val_fraction)
-    return [ids[: len(ids) - n_val]], ([ids[len(ids) - n_val :]] if n_val else [])
+    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    if isinstance(val, np.memmap):  # errors name positions in the shard file
+        val.token_offset = getattr(ids, "token_offset", 0) + len(ids) - n_val
+    return [train], ([val] if n_val else [])
 
 
 def _make_tokenizer(name: str, text: str | None, saved: Tokenizer | None) -> Tokenizer:
@@ -398,8 +401,13 @@ def _load_shards(files, tokenizer, val_fraction, saved_tokenizer) -> Corpus:
 class Batches:
     """Random windows of ``block_size + 1`` tokens: ``x`` and ``y`` shifted by one.
 
-    Windows are drawn uniformly over every valid start across shards, with a
-    ``torch.Generator`` whose state a checkpoint can save and restore.
+    The order is global, so it does not depend on the world size: optimizer step ``s``
+    draws ``batch_size * world * grad_accum`` window starts from a generator keyed on
+    ``(seed, stream, s)`` alone, and micro-batch ``m`` of rank ``r`` is rows
+    ``(m * world + r) * batch_size ...`` of them. One rank with batch 8, one with batch 4
+    and accumulation 2, and two ranks with batch 4 all train on the same tokens at every
+    step. The state is the position ``(step, micro)``; resuming sets it, on any world size.
+    Starts are uniform over every valid start across shards.
     """
 
     def __init__(
@@ -410,6 +418,11 @@ class Batches:
         device: torch.device | str = "cpu",
         seed: int = 0,
         name: str = "train split",
+        rank: int = 0,
+        world: int = 1,
+        grad_accum: int = 1,
+        stream: int = 0,
+        vocab_size: int | None = None,
     ):
         shards = [s for s in shards if len(s) > block_size]
         if not shards:
@@ -419,21 +432,35 @@ class Batches:
             )
         self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
         self.device = torch.device(device)
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+        self.seed, self.stream, self.vocab_size = seed, stream, vocab_size
         # Valid starts per shard: 0 .. len - block_size - 1.
         self.starts = np.cumsum([0] + [len(s) - block_size for s in shards])
-        self.generator = torch.Generator().manual_seed(seed)
+        self.step, self.micro = 0, 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def global_starts(self, step: int) -> np.ndarray:
+        """Every window start of optimizer step ``step``, across all ranks and micro-batches."""
+        rng = np.random.default_rng([self.seed, self.stream, step])
+        n = self.batch_size * self.world * self.grad_accum
+        return rng.integers(len(self), size=n)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.block_size
-        picks = torch.randint(len(self), (self.batch_size,), generator=self.generator).numpy()
+        T, B = self.block_size, self.batch_size
+        first = (self.micro * self.world + self.rank) * B
+        picks = self.global_starts(self.step)[first : first + B]
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.step, self.micro = self.step + 1, 0
         shard = np.searchsorted(self.starts, picks, side="right") - 1
-        rows = [
-            self.shards[s][i - self.starts[s] : i - self.starts[s] + T + 1]
-            for s, i in zip(shard, picks)
-        ]
+        rows = []
+        for s, i in zip(shard, picks):
+            pos = i - self.starts[s]
+            rows.append(self.shards[s][pos : pos + T + 1])
+            if self.vocab_size is not None and rows[-1].max() >= self.vocab_size:
+                self._bad_id(int(s), int(pos), rows[-1])
         xy = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.type == "cuda":
@@ -442,8 +469,28 @@ class Batches:
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x.contiguous(), y.contiguous()
 
+    def _bad_id(self, shard: int, pos: int, row: np.ndarray) -> None:
+        arr = self.shards[shard]
+        where = int(np.argmax(row >= self.vocab_size))
+        name = getattr(arr, "filename", None) or f"shard {shard}"
+        at = getattr(arr, "token_offset", 0) + pos + where
+        raise DataError(
+            f"{name}: token id {int(row[where])} at position {at} is past the vocabulary "
+            f"({self.vocab_size} ids): the shard was made with another tokenizer"
+        )
+
+    def seek(self, step: int, micro: int = 0) -> None:
+        """Continue from optimizer step ``step`` (what a resume does)."""
+        self.step, self.micro = step, micro
+
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"step": self.step, "micro": self.micro, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if "step" not in state:
+            raise DataError(
+                "this checkpoint's data-sampler state is from an older nnfast (per-rank "
+                "generators); its data order cannot be continued exactly"
+            )
+        self.seed = state.get("seed", self.seed)
+        self.seek(state["step"], state["micro"])

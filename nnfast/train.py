@@ -37,6 +37,8 @@ import torch.distributed as dist
 
 import nnfast.models as models
 from nnfast import data as D
+from nnfast import distributed as FS
+from nnfast.distributed import PARALLEL
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -74,6 +76,10 @@ class TrainConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2, sharded)
+    activation_checkpointing: bool = False  # fsdp: recompute block activations in backward
+    eval_hellaswag: str | None = None  # HellaSwag-format .jsonl scored during training
+    eval_hellaswag_every: int = 0  # steps between those scores; 0: at every eval
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
@@ -81,12 +87,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens"):
+        for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
+                     "eval_hellaswag_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        choices = {"device": ("auto", "cpu", "cuda"), "dtype": DTYPES, "tokenizer": D.TOKENIZERS}
+        choices = {"device": ("auto", "cpu", "cuda"), "dtype": DTYPES, "tokenizer": D.TOKENIZERS,
+                   "parallel": PARALLEL}
         for name, valid in choices.items():
             value = getattr(self, name)
             if value not in valid and not (name == "device" and value.startswith("cuda:")):
@@ -186,10 +194,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     if not ptr.is_file():
         return None
     path = out / ptr.read_text().strip()
-    return path if path.is_file() else None
+    return path if path.is_file() or (path / FS.META).is_file() else None
 
 
 def load_checkpoint(path: Path) -> dict:
+    if path.is_dir():  # sharded (FSDP): the trainer's state; weights load after sharding
+        return FS.load_meta(path)
     # Our own file, holding numpy RNG state: not loadable with weights_only=True.
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -268,8 +278,13 @@ def train(
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = models.create(cfg.model, cfg.preset, **overrides).to(device)
-    if ckpt is not None:  # before the optimizer: a model that grew must grow again first
-        raw_model.load_state_dict(ckpt["model_state"])
+    if ckpt is not None and "model_state" in ckpt:  # before the optimizer: a model that
+        raw_model.load_state_dict(ckpt["model_state"])  # grew must grow again first
+    sharded = cfg.parallel == "fsdp" and world > 1
+    if sharded:  # before the optimizer, which must see the shards
+        if hasattr(raw_model, "maybe_grow"):
+            raise ValueError(f"--parallel fsdp: {cfg.model} grows during training; use ddp")
+        FS.shard(raw_model, _autocast_dtype(cfg.dtype, device), cfg.activation_checkpointing)
     mc = raw_model.config
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -278,33 +293,37 @@ def train(
         f"block {mc.block_size}, vocab {mc.vocab_size}, device {device}, world {world}"
     )
 
-    data_seed = cfg.seed + 7919 * rank  # each rank its own stream of windows
-    train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, device, data_seed)
+    # One global order that each rank slices: the data does not depend on the world size.
+    order = {"rank": rank, "world": world, "vocab_size": mc.vocab_size}
+    train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, device, cfg.seed,
+                              grad_accum=cfg.grad_accum, **order)
     val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size, device,
-                            data_seed, name="val split")
+                            cfg.seed, name="val split", stream=1, **order)
 
     optimizer = make_optimizer(raw_model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp_dtype = _autocast_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
+    if ckpt is not None and ckpt_path.is_dir():
+        FS.load_sharded(ckpt_path, raw_model, optimizer)  # resharded to this world size
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
         ranks = ckpt["rank_states"]
+        train_batches.seek(start)  # the global data order continues on any world size
         if len(ranks) == world:
             _set_rng_state(ranks[rank]["rng"])
-            train_batches.load_state_dict(ranks[rank]["data"])
-        else:  # a different world size: fresh, distinct streams
-            log(f"resume: world size {len(ranks)} -> {world}; data streams re-seeded")
-            train_batches.generator.manual_seed(data_seed + start)
+        else:  # a different world size: fresh, distinct dropout streams
+            log(f"resume: world size {len(ranks)} -> {world}; RNG streams re-seeded")
 
     def wrap(m: torch.nn.Module) -> torch.nn.Module:
         if cfg.compile:
             m = torch.compile(m)
-        if world > 1:
+        if world > 1 and not sharded:
             m = torch.nn.parallel.DistributedDataParallel(
                 m, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -330,7 +349,7 @@ def train(
     def evaluate() -> tuple[float, dict[str, float]]:
         """Validation loss and the model's own metrics, on the same batches every time."""
         model.eval()
-        val_batches.generator.manual_seed(data_seed)
+        val_batches.seek(0)
         total = torch.zeros((), device=device)
         extra: dict[str, float] = {}
         devices = [device] if device.type == "cuda" else []
@@ -360,15 +379,18 @@ def train(
         if world > 1:
             ranks = [None] * world
             dist.all_gather_object(ranks, mine)
-        if master:
-            state = {
-                "step": step, "model": cfg.model, "preset": cfg.preset,
-                "model_overrides": overrides, "model_config": dataclasses.asdict(mc),
-                "train_config": dataclasses.asdict(cfg), "tokenizer": corpus.tokenizer.to_dict(),
-                "model_state": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rank_states": ranks,  # RNG and data-sampler state of every rank
-            }
+        state = {
+            "step": step, "model": cfg.model, "preset": cfg.preset,
+            "model_overrides": overrides, "model_config": dataclasses.asdict(mc),
+            "train_config": dataclasses.asdict(cfg), "tokenizer": corpus.tokenizer.to_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rank_states": ranks,  # RNG and data-sampler state of every rank
+        }
+        if sharded:  # every rank writes its shards
+            FS.save_sharded(out, step, raw_model, optimizer, state if master else None,
+                            cfg.keep_checkpoints)
+        elif master:
+            state.update(model_state=raw_model.state_dict(), optimizer=optimizer.state_dict())
             save_checkpoint(out, state, step, cfg.keep_checkpoints)
 
     def write(row: dict) -> None:
@@ -409,7 +431,7 @@ def train(
         for micro in range(cfg.grad_accum):
             kw = batch_kwargs(*train_batches.next())
             sync = micro == cfg.grad_accum - 1 or world == 1
-            with contextlib.nullcontext() if sync else model.no_sync(), autocast:
+            with FS.set_gradient_sync(model, sync), autocast:
                 loss = model(**kw)[1]
             loss_sum += loss.detach().float()
             scaler.scale(loss / cfg.grad_accum).backward()
@@ -461,12 +483,12 @@ def train(
     bar.close()
 
     text = ""
-    if master and cfg.sample_tokens > 0:
+    if (master or sharded) and cfg.sample_tokens > 0:  # a sharded model: every rank samples
         try:
             text = _sample(raw_model, corpus.tokenizer, cfg, device, autocast)
         except D.DataError as e:  # e.g. GPT-2 BPE files unavailable offline: the run stands
             log(f"sample skipped: {e}")
-        else:
+        if master and text:
             (out / "sample.txt").write_text(text, encoding="utf-8")
             log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
     if world > 1:
