@@ -50,10 +50,12 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], eot: bool = False):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        self.vocab_size = len(self.chars) + eot
+        if eot:  # prepared shards separate documents by one extra id after the characters
+            self.eot = len(self.chars)
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -75,14 +77,18 @@ class CharTokenizer:
         return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
 
     def to_dict(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars, "eot": hasattr(self, "eot")}
 
 
 class ByteTokenizer:
     """UTF-8 bytes as ids: works for any text, including text that is not valid UTF-8."""
 
     kind = "byte"
-    vocab_size = 256
+
+    def __init__(self, eot: bool = False):
+        self.vocab_size = 256 + eot
+        if eot:  # prepared shards separate documents by id 256
+            self.eot = 256
 
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else text
@@ -92,7 +98,7 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict:
-        return {"kind": "byte"}
+        return {"kind": "byte", "eot": hasattr(self, "eot")}
 
 
 class GPT2Tokenizer:
@@ -137,9 +143,9 @@ Tokenizer = CharTokenizer | ByteTokenizer | GPT2Tokenizer
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     if d["kind"] == "char":
-        return CharTokenizer(d["chars"])
+        return CharTokenizer(d["chars"], d.get("eot", False))
     if d["kind"] == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(d.get("eot", False))
     if d["kind"] == "gpt2":
         return GPT2Tokenizer()
     raise DataError(f"unknown tokenizer kind {d['kind']!r}; valid: char, byte, gpt2")
@@ -256,12 +262,16 @@ def read_text(path: Path) -> str:
         ) from e
 
 
-def read_bin(path: Path) -> np.ndarray:
-    """Token ids of one shard, memory-mapped: llm.c's format (header) or nanoGPT's raw uint16."""
+def read_bin(path: Path, llmc: bool = False) -> np.ndarray:
+    """Token ids of one shard, memory-mapped: llm.c's format (header) or nanoGPT's raw uint16
+    (``llmc``: the header is required)."""
     nbytes = path.stat().st_size
     if nbytes == 0:
         raise DataError(f"{path} is empty")
     header = np.fromfile(path, dtype=np.int32, count=min(LLMC_HEADER_INTS, nbytes // 4))
+    if llmc and (not header.size or header[0] != LLMC_MAGIC):
+        got = int(header[0]) if header.size else None
+        raise DataError(f"{path}: not an llm.c shard (magic {got}, want {LLMC_MAGIC})")
     if header.size and header[0] == LLMC_MAGIC:
         if header.size < LLMC_HEADER_INTS:
             raise DataError(f"{path}: llm.c header truncated")
@@ -271,8 +281,10 @@ def read_bin(path: Path) -> np.ndarray:
         if dtype is None:
             raise DataError(f"{path}: unsupported llm.c shard version {version} (want 1 or 2)")
         offset = LLMC_HEADER_INTS * 4
-        if nbytes != offset + ntok * np.dtype(dtype).itemsize:
-            raise DataError(f"{path}: header says {ntok} tokens, file size disagrees")
+        want = offset + ntok * np.dtype(dtype).itemsize
+        if nbytes != want:
+            raise DataError(f"{path}: header says {ntok} tokens ({want} bytes), the file has "
+                            f"{nbytes} bytes: truncated or not a shard")
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(ntok,))
     if nbytes % 2:
         raise DataError(f"{path}: odd size; not a uint16 token file (nor llm.c's format)")
@@ -341,6 +353,8 @@ def load_corpus(
                 f"pystdlib (embedded default; no download needed): {nfiles} standard-library "
                 f"files, {len(text):,} characters"
             )
+    elif path.is_dir() and (path / "manifest.json").is_file():
+        return _load_prepared(path, tokenizer, saved_tokenizer)
     elif path.is_dir() and sorted(path.glob("*.bin")):
         return _load_shards(sorted(path.glob("*.bin")), tokenizer, val_fraction, saved_tokenizer)
     elif path.is_file() and path.suffix == ".bin":
@@ -395,6 +409,33 @@ def _load_shards(files, tokenizer, val_fraction, saved_tokenizer) -> Corpus:
     ntok = sum(len(a) for a in train + val)
     where = files[0].parent if len(files) > 1 else files[0]
     return Corpus(train, val, tok, f"{len(files)} token shard(s) in {where}; {ntok:,} tokens")
+
+
+def _load_prepared(folder: Path, tokenizer: str, saved_tokenizer) -> Corpus:
+    """A folder made by ``python -m nnfast prepare``: its manifest names the shards, their
+    split and the tokenizer; an unfinished one is refused (run prepare again to finish)."""
+    where = folder / "manifest.json"
+    try:
+        m = json.loads(where.read_text())
+        complete, shards, tok_dict = m["complete"], m["shards"], m["tokenizer"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: not a manifest written by nnfast prepare ({e!r})") from None
+    if not complete:
+        raise DataError(f"{where}: preparation did not finish; run the same prepare command "
+                        "again to continue it")
+    tok = saved_tokenizer or tokenizer_from_dict(tok_dict)
+    if tokenizer not in ("auto", tok.kind):
+        raise DataError(f"{folder} holds {tok.kind} token ids: use --tokenizer {tok.kind}")
+    split = {"val": [], "train": []}
+    for entry in shards:
+        arr = read_bin(folder / entry["file"], llmc=True)
+        if len(arr) != entry["tokens"]:
+            raise DataError(f"{folder / entry['file']}: {len(arr)} tokens, the manifest says "
+                            f"{entry['tokens']}")
+        split[entry["split"]].append(arr)
+    ntok = sum(e["tokens"] for e in shards)
+    desc = f"{len(shards)} prepared shard(s) in {folder}; {tok.kind} tokenizer, {ntok:,} tokens"
+    return Corpus(split["train"], split["val"], tok, desc)
 
 
 # ----------------------------------------------------------------------------- batches

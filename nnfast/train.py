@@ -294,7 +294,7 @@ def train(
     )
 
     # One global order that each rank slices: the data does not depend on the world size.
-    order = {"rank": rank, "world": world, "vocab_size": mc.vocab_size}
+    order = {"rank": rank, "world": world, "vocab_size": vocab}  # ids past it: an error
     train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, device, cfg.seed,
                               grad_accum=cfg.grad_accum, **order)
     val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size, device,
