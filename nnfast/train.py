@@ -38,6 +38,7 @@ import torch.distributed as dist
 import nnfast.models as models
 from nnfast import data as D
 from nnfast import distributed as FS
+from nnfast import evaluate as E
 from nnfast.distributed import PARALLEL
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -221,7 +222,13 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
             ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
+    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
+    if hs:  # accuracy on its own scale, on the right
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*hs), color="tab:green", marker=".", label="hellaswag acc_norm")
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.savefig(png, dpi=100)
     return True
@@ -266,6 +273,7 @@ def train(
     elif ckpt_path is not None:
         raise FileExistsError(f"{out} holds a run already: pass --resume, or choose another --out")
 
+    hella = E.read_hellaswag(cfg.eval_hellaswag) if cfg.eval_hellaswag else None  # fail early
     saved_tok = D.tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else None
     corpus = D.load_corpus(cfg.data, cfg.tokenizer, cfg.val_fraction, saved_tok)
     log(f"data: {corpus.description}")
@@ -475,6 +483,13 @@ def train(
                 bar.write(
                     f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}{shown}"
                 )
+        every = cfg.eval_hellaswag_every or cfg.eval_interval
+        if hella and (step % every == 0 or step == cfg.max_steps) and (master or sharded):
+            hs = E.hellaswag(raw_model, corpus.tokenizer, hella, cfg.batch_size, device)
+            write({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
+            if master:
+                bar.write(f"step {step}: hellaswag acc {hs['acc']:.4f}, "
+                          f"acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
         if step % save_every == 0 or step == cfg.max_steps:
             checkpoint(step)
             if master:
