@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import sys
 import typing
 from typing import Any
@@ -17,7 +18,8 @@ from nnfast.data import DataError
 
 USAGE = """usage:
   python -m nnfast train --model NAME --preset PRESET --data SOURCE --max_steps N --out DIR
-                         [--resume] [--device cpu|cuda] [--compile] [--FIELD VALUE ...]
+                         [--resume | --overwrite] [--device cpu|cuda] [--compile]
+                         [--FIELD VALUE ...]
   python -m nnfast models          list the models and their presets
   python -m nnfast train --help    list every trainer field
   python -m nnfast prepare SOURCE --out DIR     text/.jsonl(.gz) -> llm.c token shards
@@ -30,7 +32,12 @@ SOURCE: auto (Tiny Shakespeare when on this machine, else pystdlib), shakespeare
 or .bin token shards. Flags may use - or _ (--max-steps == --max_steps). Any field of the
 model's config is a flag too (--n_layer 4 --dropout 0.1). Multi-GPU: torchrun
 --nproc_per_node N -m nnfast train ...
+
+--resume continues the run in DIR (flags given apply from there on; a different model,
+preset, tokenizer or seed is refused). A folder holding a run is never reused without
+--resume or --overwrite, and one trainer at a time holds it (DIR/run.lock).
 """
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 TOOLS = {"prepare": "nnfast.prepare", "eval": "nnfast.evaluate", "generate": "nnfast.generate",
@@ -112,7 +119,15 @@ def train_main(argv: list[str]) -> int:
         return 2
     try:
         T.train(cfg, overrides, resume, given)
-    except (DataError, FileExistsError, T.TrainingDiverged) as e:
+    except T.UsageError as e:  # found once the checkpoint or the machine is known
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, FileExistsError, T.TrainingDiverged, T.RunFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk, not the code: full, read-only, no permission
+        if e.errno not in USER_OS_ERRORS:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -463,7 +463,6 @@ class Batches:
         world: int = 1,
         grad_accum: int = 1,
         stream: int = 0,
-        vocab_size: int | None = None,
     ):
         shards = [s for s in shards if len(s) > block_size]
         if not shards:
@@ -474,7 +473,7 @@ class Batches:
         self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
         self.device = torch.device(device)
         self.rank, self.world, self.grad_accum = rank, world, grad_accum
-        self.seed, self.stream, self.vocab_size = seed, stream, vocab_size
+        self.seed, self.stream = seed, stream
         # Valid starts per shard: 0 .. len - block_size - 1.
         self.starts = np.cumsum([0] + [len(s) - block_size for s in shards])
         self.step, self.micro = 0, 0
@@ -496,12 +495,10 @@ class Batches:
         if self.micro == self.grad_accum:
             self.step, self.micro = self.step + 1, 0
         shard = np.searchsorted(self.starts, picks, side="right") - 1
-        rows = []
-        for s, i in zip(shard, picks):
-            pos = i - self.starts[s]
-            rows.append(self.shards[s][pos : pos + T + 1])
-            if self.vocab_size is not None and rows[-1].max() >= self.vocab_size:
-                self._bad_id(int(s), int(pos), rows[-1])
+        rows = [
+            self.shards[s][i - self.starts[s] : i - self.starts[s] + T + 1]
+            for s, i in zip(shard, picks)
+        ]
         xy = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.type == "cuda":
@@ -509,16 +506,6 @@ class Batches:
             x, y = x.pin_memory(), y.pin_memory()
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x.contiguous(), y.contiguous()
-
-    def _bad_id(self, shard: int, pos: int, row: np.ndarray) -> None:
-        arr = self.shards[shard]
-        where = int(np.argmax(row >= self.vocab_size))
-        name = getattr(arr, "filename", None) or f"shard {shard}"
-        at = getattr(arr, "token_offset", 0) + pos + where
-        raise DataError(
-            f"{name}: token id {int(row[where])} at position {at} is past the vocabulary "
-            f"({self.vocab_size} ids): the shard was made with another tokenizer"
-        )
 
     def seek(self, step: int, micro: int = 0) -> None:
         """Continue from optimizer step ``step`` (what a resume does)."""

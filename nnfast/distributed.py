@@ -28,8 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nnfast.checkpoint import SHARDED_META as META
+from nnfast.checkpoint import rotate_checkpoints, write_text_atomic
+
 PARALLEL = ("ddp", "fsdp")
-META = "trainer.pt"
 
 
 def _fsdp():
@@ -91,6 +93,11 @@ def shard(model: nn.Module, param_dtype: torch.dtype | None,
     return model
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def set_gradient_sync(model: nn.Module, sync: bool):
     """DDP's ``no_sync`` for DDP; FSDP2's ``set_requires_gradient_sync`` for a sharded model
     (accumulate unreduced gradients until the last micro-batch). A context manager."""
@@ -142,21 +149,16 @@ def save_sharded(out: Path, step: int, model: nn.Module, optimizer, meta: dict |
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        ptr = out / "latest.tmp"
-        ptr.write_text(path.name + "\n")
-        os.replace(ptr, out / "latest")
-        old = sorted(out.glob("ckpt_*.pt")) + sorted(out.glob("ckpt_*.dcp"))
-        for p in sorted(old, key=lambda p: p.name)[: -max(1, keep)]:
-            if p != path:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        write_text_atomic(out / "latest", path.name + "\n")
+        rotate_checkpoints(out, path, step, keep)
     dist.barrier()
     return path
 
 
 def load_meta(path: Path) -> dict:
-    if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {META})")
-    return torch.load(path / META, map_location="cpu", weights_only=False)
+    from nnfast.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer=None) -> None:

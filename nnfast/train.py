@@ -6,8 +6,12 @@ A step: ``grad_accum`` micro-batches (DDP syncs gradients on the last one only),
 check of the loss, clipping, AdamW (fused on CUDA; weight decay on matrices only), then
 the warmup + cosine schedule. Checkpoints hold everything a resumed run needs to continue
 exactly as if it had never stopped: model, optimizer, schedule, step, every RNG state, and
-each rank's data-sampler state. They are written to a temporary file and renamed, and the
-``latest`` pointer moves only after that rename, so a crash mid-save never loses a run.
+each rank's data-sampler state (their files and the run lock: ``nnfast.checkpoint``; flags
+given with ``--resume``: ``nnfast.resume``).
+
+The code reads in run order: ``Trainer.__init__`` sets up (devices, the checkpoint to resume,
+data, model, optimizer, run folder); ``Trainer.run`` loops ``train_step`` and, at their
+intervals, ``log_step``, ``log_eval`` (``evaluate``) and ``save``, then writes the sample.
 
 Models plug in through optional hooks, so every family trains through the same loop:
 ``prepare_batch(x, y) -> dict`` turns a window of token ids into ``forward``'s keyword
@@ -22,11 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
+import re
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +44,22 @@ import nnfast.models as models
 from nnfast import data as D
 from nnfast import distributed as FS
 from nnfast import evaluate as E
-from nnfast.distributed import PARALLEL
+from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's public API)
+    RUN_FILES,
+    RunFolderError,
+    RunLock,
+    append_metrics,
+    checkpoint_step,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_metrics,
+    remove_checkpoint,
+    run_files,
+    save_checkpoint,
+    truncate_metrics,
+)
+from nnfast.resume import UsageError, apply_hyperparameters, resumed_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -77,29 +97,64 @@ class TrainConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
+
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2, sharded)
     activation_checkpointing: bool = False  # fsdp: recompute block activations in backward
     eval_hellaswag: str | None = None  # HellaSwag-format .jsonl scored during training
     eval_hellaswag_every: int = 0  # steps between those scores; 0: at every eval
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
-                    "log_interval", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
-                     "eval_hellaswag_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
-        choices = {"device": ("auto", "cpu", "cuda"), "dtype": DTYPES, "tokenizer": D.TOKENIZERS,
-                   "parallel": PARALLEL}
-        for name, valid in choices.items():
-            value = getattr(self, name)
-            if value not in valid and not (name == "device" and value.startswith("cuda:")):
-                raise ValueError(f"--{name} must be one of {', '.join(valid)}, got {value!r}")
+        _validate(self)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Every field checked before any work, so a bad value never costs a training run."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        allowed = tuple(t for t in (typing.get_args(tp) or (tp,)))
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " | ".join(getattr(t, "__name__", str(t)) for t in typing.get_args(tp) or (tp,))
+            raise UsageError(f"--{f.name} expects {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} must be a finite number, got {value}")
+
+    def check(ok: bool, name: str, want: str) -> None:
+        if not ok:
+            raise UsageError(f"--{name} must be {want}, got {getattr(cfg, name)}")
+
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps",
+                 "log_interval", "keep_checkpoints"):
+        check(getattr(cfg, name) >= 1, name, ">= 1")
+    for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
+                 "weight_decay", "grad_clip", "eval_hellaswag_every"):
+        check(getattr(cfg, name) >= 0, name, ">= 0")
+    check(0.0 <= cfg.val_fraction < 1.0, "val_fraction", "in [0, 1)")
+    check(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]")
+    check(cfg.lr > 0, "lr", "> 0")
+    for name in ("beta1", "beta2"):
+        check(0.0 <= getattr(cfg, name) < 1.0, name, "in [0, 1)")
+    check(cfg.adam_eps > 0, "adam_eps", "> 0")
+    # AdamW's first update is lr / (1 - beta1) (and its decay lr * weight_decay), in float32.
+    step = max(cfg.lr / (1 - cfg.beta1), cfg.lr * cfg.weight_decay)
+    fmax = torch.finfo(torch.float32).max
+    check(step < fmax, "lr", f"small enough that AdamW's step lr / (1 - beta1) = {step:.3g} "
+          f"fits in float32 (< {fmax:.3g})")
+    check(0 <= cfg.seed < 2**32, "seed", "in [0, 2**32)")
+    check(cfg.temperature > 0, "temperature", "> 0")
+    check(cfg.top_k is None or cfg.top_k >= 1, "top_k", ">= 1 (or none)")
+    check(cfg.top_p is None or 0 < cfg.top_p <= 1, "top_p", "in (0, 1] (or none)")
+    choices = {"dtype": DTYPES, "tokenizer": D.TOKENIZERS, "parallel": FS.PARALLEL}
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            raise UsageError(f"--{name} must be one of {', '.join(valid)}, "
+                             f"got {getattr(cfg, name)!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,9 +169,14 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but no CUDA GPU is available")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+            raise UsageError(f"--device {device} but no CUDA GPU is available")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s)")
+        if world > 1:
+            index = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device)
@@ -152,7 +212,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             fused=fused)
 
 
 def _rng_state() -> dict:
@@ -172,39 +233,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, state: dict, step: int, keep: int) -> Path:
-    """Write ``ckpt_<step>.pt`` atomically, point ``latest`` at it, drop all but ``keep``."""
-    path = out / f"ckpt_{step:07d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: the name holds the old file or the new one
-    finally:
-        tmp.unlink(missing_ok=True)
-    ptr = out / "latest.tmp"
-    ptr.write_text(path.name + "\n")
-    os.replace(ptr, out / "latest")
-    for old in sorted(out.glob("ckpt_*.pt"))[: -max(1, keep)]:
-        if old != path:
-            old.unlink()
-    return path
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ptr = out / "latest"
-    if not ptr.is_file():
-        return None
-    path = out / ptr.read_text().strip()
-    return path if path.is_file() or (path / FS.META).is_file() else None
-
-
-def load_checkpoint(path: Path) -> dict:
-    if path.is_dir():  # sharded (FSDP): the trainer's state; weights load after sharding
-        return FS.load_meta(path)
-    # Our own file, holding numpy RNG state: not loadable with weights_only=True.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def plot_metrics(metrics: Path, png: Path) -> bool:
     """loss.png from metrics.jsonl; False when matplotlib is not installed."""
     try:
@@ -212,7 +240,10 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    try:
+        rows = read_metrics(metrics)
+    except RunFolderError:  # a damaged history costs the plot, never the run
+        return False
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)  # an Agg canvas without touching pyplot's global backend
     ax = fig.add_subplot()
@@ -247,117 +278,269 @@ def train(
 
     ``given``: the fields set on the command line; on resume the others are the checkpoint's
     (None: all of ``cfg`` counts as given)."""
-    overrides = dict(overrides or {})
-    rank, world, device = _setup_distributed(cfg.device)
-    master = rank == 0
-    out = Path(cfg.out)
-    log = print if master else (lambda *a, **k: None)
-    if device.type == "cuda":  # TF32 matmuls: fp32 range, ~3x the fp32 throughput
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    trainer = Trainer(cfg, overrides, resume, given, show_progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
-    ckpt_path = latest_checkpoint(out)
-    ckpt = None
-    if resume and ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resume(ckpt, cfg, overrides, given or set())
-        overrides = ckpt["model_overrides"]
-        # Trainer fields not on this command line continue as the run was started.
-        ckpt_cfg = dict(ckpt["train_config"], model=ckpt["model"], preset=ckpt["preset"])
-        every = {f.name for f in dataclasses.fields(cfg)} - {"model", "preset"}
-        skip = set(every if given is None else given) | {"out"}  # out: where it was found
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt_cfg.items() if k not in skip})
-        log(f"resume: {ckpt_path} (step {ckpt['step']})")
-    elif resume:
-        log(f"resume: no checkpoint in {out}; starting fresh")
-    elif ckpt_path is not None:
-        raise FileExistsError(f"{out} holds a run already: pass --resume, or choose another --out")
 
-    hella = E.read_hellaswag(cfg.eval_hellaswag) if cfg.eval_hellaswag else None  # fail early
-    saved_tok = D.tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else None
-    corpus = D.load_corpus(cfg.data, cfg.tokenizer, cfg.val_fraction, saved_tok)
-    log(f"data: {corpus.description}")
-    vocab = corpus.tokenizer.vocab_size
-    if overrides.get("vocab_size", vocab) < vocab:
-        raise ValueError(f"--vocab_size {overrides['vocab_size']} < the tokenizer's {vocab}")
-    overrides.setdefault("vocab_size", vocab)
+def _quiet(*args, **kwargs) -> None:
+    pass
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw_model = models.create(cfg.model, cfg.preset, **overrides).to(device)
-    if ckpt is not None and "model_state" in ckpt:  # before the optimizer: a model that
-        raw_model.load_state_dict(ckpt["model_state"])  # grew must grow again first
-    sharded = cfg.parallel == "fsdp" and world > 1
-    if sharded:  # before the optimizer, which must see the shards
-        if hasattr(raw_model, "maybe_grow"):
-            raise ValueError(f"--parallel fsdp: {cfg.model} grows during training; use ddp")
-        FS.shard(raw_model, _autocast_dtype(cfg.dtype, device), cfg.activation_checkpointing)
-    mc = raw_model.config
-    torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log(
-        f"model: {cfg.model}/{cfg.preset or 'default'}, {n_params / 1e6:.2f}M parameters, "
-        f"block {mc.block_size}, vocab {mc.vocab_size}, device {device}, world {world}"
-    )
 
-    # One global order that each rank slices: the data does not depend on the world size.
-    order = {"rank": rank, "world": world, "vocab_size": vocab}  # ids past it: an error
-    train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, device, cfg.seed,
-                              grad_accum=cfg.grad_accum, **order)
-    val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size, device,
-                            cfg.seed, name="val split", stream=1, **order)
+class Trainer:
+    """One run, in the order it happens. ``__init__`` sets up: devices, the checkpoint to
+    resume from, data, model, optimizer, run folder. ``run`` loops ``train_step`` and, at
+    their intervals, ``log_step``, ``evaluate`` and ``save``, then writes a sample."""
 
-    optimizer = make_optimizer(raw_model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    amp_dtype = _autocast_dtype(cfg.dtype, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start = 0
-    if ckpt is not None and ckpt_path.is_dir():
-        FS.load_sharded(ckpt_path, raw_model, optimizer)  # resharded to this world size
-    if ckpt is not None:
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["step"]
-        ranks = ckpt["rank_states"]
-        train_batches.seek(start)  # the global data order continues on any world size
-        if len(ranks) == world:
-            _set_rng_state(ranks[rank]["rng"])
-        else:  # a different world size: fresh, distinct dropout streams
-            log(f"resume: world size {len(ranks)} -> {world}; RNG streams re-seeded")
+    def __init__(self, cfg: TrainConfig, overrides: dict[str, Any] | None = None,
+                 resume: bool = False, given: set[str] | None = None,
+                 show_progress: bool = True):
+        self.rank, self.world, self.device = _setup_distributed(cfg.device)
+        self.master = self.rank == 0
+        self.log = print if self.master else _quiet
+        self.show_progress = show_progress
+        self.out = Path(cfg.out)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if self.device.type == "cuda":  # TF32 matmuls: fp32 range, ~3x the fp32 throughput
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.lock = None
+        self._lock_run_folder()
+        try:
+            ckpt = self._find_resume(cfg, dict(overrides or {}), resume, given)
+            self._setup_data(ckpt)
+            self._setup_model(ckpt)
+            self._setup_optimizer(ckpt)
+            self._setup_run_folder()
+        except BaseException:
+            self.close()
+            raise
 
-    def wrap(m: torch.nn.Module) -> torch.nn.Module:
-        if cfg.compile:
+    def close(self) -> None:
+        """Let the next trainer have the run folder."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ------------------------------------------------------------------------- setup
+    def _lock_run_folder(self) -> None:
+        """One trainer per ``--out``: rank 0 takes the lock, and every rank learns the outcome."""
+        error = None
+        if self.master:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.out).acquire(self.log)
+            except RunFolderError as e:
+                error = ("run", str(e))
+            except OSError as e:  # not a folder, not writable, disk full
+                error = ("usage", f"cannot write to --out {self.out}: {e.strerror or e}")
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise (UsageError if error[0] == "usage" else RunFolderError)(error[1])
+
+    def _find_resume(self, cfg: TrainConfig, overrides: dict, resume: bool,
+                     given: set[str] | None) -> dict | None:
+        """The checkpoint to continue from (None: a fresh run); sets ``cfg``, ``overrides``."""
+        self.cfg, self.overrides = cfg, overrides
+        if resume and cfg.overwrite:
+            raise UsageError("--resume continues the run in --out and --overwrite deletes it: "
+                             "pass one of them")
+        found = find_checkpoint(self.out, self.log) if resume else None
+        if found is None:
+            self._start_afresh(resume)
+            return None
+        path, ckpt = found
+        self.ckpt_path = path
+        self.cfg = resumed_config(ckpt, cfg, overrides, given, self.log, lr_factor)
+        self.overrides = dict(ckpt["model_overrides"])
+        self.log(f"resume: {path} (step {ckpt['step']})")
+        return ckpt
+
+    def _start_afresh(self, resume: bool) -> None:
+        """A new run; a folder holding an old one is used only with --overwrite."""
+        old = run_files(self.out)
+        if not old:
+            if resume:
+                self.log(f"resume: no checkpoint in {self.out}; starting fresh")
+            return
+        if not self.cfg.overwrite:
+            names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+            if resume:
+                raise RunFolderError(
+                    f"{self.out} holds no checkpoint to resume from, but a run's files "
+                    f"({names}): pass --overwrite to start afresh there, or choose another --out"
+                )
+            raise FileExistsError(
+                f"{self.out} holds a run already: pass --resume, or --overwrite to start "
+                "afresh (deleting it), or choose another --out"
+            )
+        if self.master:
+            for p in old:
+                remove_checkpoint(p)
+        self.log(f"overwrite: deleted the previous run's {len(old)} files in {self.out}")
+
+    def _setup_data(self, ckpt: dict | None) -> None:
+        cfg = self.cfg
+        saved_tok = D.tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else None
+        self.hellaswag = E.read_hellaswag(cfg.eval_hellaswag) if cfg.eval_hellaswag else None
+        self.corpus = D.load_corpus(cfg.data, cfg.tokenizer, cfg.val_fraction, saved_tok)
+        self.log(f"data: {self.corpus.description}")
+        vocab = self.corpus.tokenizer.vocab_size
+        if self.overrides.get("vocab_size", vocab) < vocab:
+            raise UsageError(
+                f"--vocab_size {self.overrides['vocab_size']} < the tokenizer's {vocab}"
+            )
+        self.overrides.setdefault("vocab_size", vocab)
+        _check_token_ids(self.corpus, self.overrides["vocab_size"])
+        # The checkpoint records the tokenizer used, not "auto".
+        self.cfg = dataclasses.replace(cfg, tokenizer=self.corpus.tokenizer.kind)
+
+    def _setup_model(self, ckpt: dict | None) -> None:
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.raw_model = models.create(cfg.model, cfg.preset, **self.overrides).to(self.device)
+        if ckpt is not None and "model_state" in ckpt:  # before the optimizer: a model that
+            self.raw_model.load_state_dict(ckpt["model_state"])  # grew must grow again first
+        self.sharded = cfg.parallel == "fsdp" and self.world > 1
+        if self.sharded:  # before the optimizer, which must see the shards
+            if hasattr(self.raw_model, "maybe_grow"):
+                raise UsageError(f"--parallel fsdp: {cfg.model} grows during training; use ddp")
+            FS.shard(self.raw_model, _autocast_dtype(cfg.dtype, self.device),
+                     cfg.activation_checkpointing)
+        mc = self.raw_model.config
+        torch.manual_seed(cfg.seed + self.rank)  # dropout masks differ across ranks
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        self.log(
+            f"model: {cfg.model}/{cfg.preset or 'default'}, {n_params / 1e6:.2f}M parameters, "
+            f"block {mc.block_size}, vocab {mc.vocab_size}, device {self.device}, "
+            f"world {self.world}"
+        )
+        # One global order that each rank slices: the data does not depend on the world size.
+        corpus, order = self.corpus, {"rank": self.rank, "world": self.world}
+        self.train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, self.device,
+                                       cfg.seed, grad_accum=cfg.grad_accum, **order)
+        self.val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size,
+                                     self.device, cfg.seed, name="val split", stream=1, **order)
+        amp_dtype = _autocast_dtype(cfg.dtype, self.device)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=amp_dtype)
+            if amp_dtype else contextlib.nullcontext()
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+
+    def _setup_optimizer(self, ckpt: dict | None) -> None:
+        """Optimizer, schedule and wrapped model; restored from ``ckpt`` with RNG and data."""
+        self.optimizer, self.scheduler = self._make_optimizer()
+        self.start = 0
+        if ckpt is not None:
+            fresh = [{k: v for k, v in g.items() if k != "params"}
+                     for g in self.optimizer.param_groups]
+            if "optimizer" in ckpt:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            else:  # sharded: weights and optimizer resharded to this world size
+                FS.load_sharded(self.ckpt_path, self.raw_model, self.optimizer)
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            apply_hyperparameters(self.optimizer, self.scheduler, fresh,
+                                  lr_factor(self.scheduler.last_epoch, self.cfg))
+            if ckpt["scaler"]:  # empty when saved without float16 loss scaling
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.start = ckpt["step"]
+            ranks = ckpt["rank_states"]
+            self.train_batches.seek(self.start)  # the global data order, on any world size
+            if len(ranks) == self.world:
+                _set_rng_state(ranks[self.rank]["rng"])
+            else:  # a different world size: fresh, distinct dropout streams
+                self.log(f"resume: world size {len(ranks)} -> {self.world}; RNG streams re-seeded")
+        self.model = self._wrap(self.raw_model)
+
+    def _make_optimizer(self, last_epoch: int = -1):
+        optimizer = make_optimizer(self.raw_model, self.cfg, self.device)
+        if last_epoch >= 0:  # a scheduler joining mid-run needs the groups' starting lr
+            for g in optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.cfg), last_epoch=last_epoch
+        )
+        return optimizer, scheduler
+
+    def _wrap(self, m: torch.nn.Module) -> torch.nn.Module:
+        if self.cfg.compile:
             m = torch.compile(m)
-        if world > 1 and not sharded:
+        if self.world > 1 and not self.sharded:
+            dev = self.device
             m = torch.nn.parallel.DistributedDataParallel(
-                m, device_ids=[device.index] if device.type == "cuda" else None
+                m, device_ids=[dev.index] if dev.type == "cuda" else None
             )
         return m
 
-    model = wrap(raw_model)
+    def _setup_run_folder(self) -> None:
+        if self.master:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for tmp in self.out.glob("*.tmp"):  # we hold the lock: a killed writer's leftovers
+                if checkpoint_step(tmp.with_suffix("")) is not None or tmp.stem in RUN_FILES:
+                    remove_checkpoint(tmp)
+            D.save_tokenizer(self.corpus.tokenizer, self.out / "tokenizer.json")
+            truncate_metrics(self.metrics_path, self.start, self.log)
 
-    def batch_kwargs(x: torch.Tensor, y: torch.Tensor) -> dict:
-        if hasattr(raw_model, "prepare_batch"):
-            return raw_model.prepare_batch(x, y)
+    # ------------------------------------------------------------------------- steps
+    def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        if hasattr(self.raw_model, "prepare_batch"):
+            return self.raw_model.prepare_batch(x, y)
         return {"idx": x, "targets": y}
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    )
 
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        D.save_tokenizer(corpus.tokenizer, out / "tokenizer.json")
-    metrics = out / "metrics.jsonl"
-    if master:
-        _truncate_metrics(metrics, start)
+    def maybe_grow(self, step: int) -> None:
+        """Let a growing model grow before ``step``; new parameters need a new optimizer."""
+        if not (hasattr(self.raw_model, "maybe_grow") and self.raw_model.maybe_grow(step - 1)):
+            return
+        # Constructing with last_epoch=step-2 steps once: lr = lr_factor(step - 1), as if
+        # this optimizer had been stepped along from the start.
+        self.optimizer, self.scheduler = self._make_optimizer(last_epoch=step - 2)
+        self.model = self._wrap(self.raw_model)
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        self.log(f"step {step - 1}: model grew to {n_params / 1e6:.2f}M parameters")
 
-    def evaluate() -> tuple[float, dict[str, float]]:
+    def train_step(self, step: int) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        cfg, model, world = self.cfg, self.model, self.world
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            kw = self.batch_kwargs(*self.train_batches.next())
+            sync = micro == cfg.grad_accum - 1 or world == 1  # DDP syncs on the last only
+            with FS.set_gradient_sync(model, sync), self.autocast:
+                loss = model(**kw)[1]
+            loss_sum += loss.detach().float()
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+        if world > 1:
+            dist.all_reduce(loss_sum)  # every rank sees the same loss and stops together
+        loss_val = loss_sum.item() / (cfg.grad_accum * world)
+        if not math.isfinite(loss_val):
+            last = latest_checkpoint(self.out)
+            raise TrainingDiverged(
+                f"loss is {loss_val} at step {step}; stopping. Try a lower --lr or --grad_clip"
+                + (f"; the last good checkpoint is {last}" if last else "")
+            )
+        trainable = [p for p in self.raw_model.parameters() if p.requires_grad]
+        if cfg.grad_clip > 0 and trainable:  # a counting model has nothing to clip
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_val
+
+    def evaluate(self) -> tuple[float, dict[str, float]]:
         """Validation loss and the model's own metrics, on the same batches every time."""
-        model.eval()
-        val_batches.seek(0)
+        cfg, device, raw = self.cfg, self.device, self.raw_model
+        self.model.eval()
+        self.val_batches.seek(0)
         total = torch.zeros((), device=device)
         extra: dict[str, float] = {}
         devices = [device] if device.type == "cuda" else []
@@ -366,172 +549,178 @@ def train(
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             for _ in range(cfg.eval_steps):
-                kw = batch_kwargs(*val_batches.next())
-                with autocast:
-                    total += model(**kw)[1].float()
-                    if hasattr(raw_model, "metrics"):
-                        for k, v in raw_model.metrics(**kw).items():
+                kw = self.batch_kwargs(*self.val_batches.next())
+                with self.autocast:
+                    total += self.model(**kw)[1].float()
+                    if hasattr(raw, "metrics"):
+                        for k, v in raw.metrics(**kw).items():
                             extra[k] = extra.get(k, 0.0) + float(v) / cfg.eval_steps
-        model.train()
-        if world > 1:
+        self.model.train()
+        if self.world > 1:
             dist.all_reduce(total)
             for k in sorted(extra):
                 t = torch.tensor(extra[k], device=device)
                 dist.all_reduce(t)
-                extra[k] = t.item() / world
-        return total.item() / (cfg.eval_steps * world), extra
+                extra[k] = t.item() / self.world
+        return total.item() / (cfg.eval_steps * self.world), extra
 
-    def checkpoint(step: int) -> None:
-        mine = {"rng": _rng_state(), "data": train_batches.state_dict()}
+    def save(self, step: int, loss: float) -> None:
+        """A checkpoint after ``step``: everything an exact resume needs, every rank's RNG."""
+        self.check_finite(step, loss)
+        mine = {"rng": _rng_state(), "data": self.train_batches.state_dict()}
         ranks = [mine]
-        if world > 1:
-            ranks = [None] * world
+        if self.world > 1:
+            ranks = [None] * self.world
             dist.all_gather_object(ranks, mine)
+        if not (self.master or self.sharded):
+            return
+        cfg, raw = self.cfg, self.raw_model
         state = {
             "step": step, "model": cfg.model, "preset": cfg.preset,
-            "model_overrides": overrides, "model_config": dataclasses.asdict(mc),
-            "train_config": dataclasses.asdict(cfg), "tokenizer": corpus.tokenizer.to_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "model_overrides": self.overrides,
+            "model_config": dataclasses.asdict(raw.config),
+            "train_config": dataclasses.asdict(cfg),
+            "tokenizer": self.corpus.tokenizer.to_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rank_states": ranks,  # RNG and data-sampler state of every rank
         }
-        if sharded:  # every rank writes its shards
-            FS.save_sharded(out, step, raw_model, optimizer, state if master else None,
+        if self.sharded:  # every rank writes its shards
+            FS.save_sharded(self.out, step, raw, self.optimizer, state if self.master else None,
                             cfg.keep_checkpoints)
-        elif master:
-            state.update(model_state=raw_model.state_dict(), optimizer=optimizer.state_dict())
-            save_checkpoint(out, state, step, cfg.keep_checkpoints)
+        else:
+            state.update(model_state=raw.state_dict(), optimizer=self.optimizer.state_dict())
+            save_checkpoint(self.out, state, step, cfg.keep_checkpoints)
+        if self.master:
+            plot_metrics(self.metrics_path, self.out / "loss.png")
 
-    def write(row: dict) -> None:
-        if master:
-            with open(metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    tokens_per_step = cfg.batch_size * mc.block_size * cfg.grad_accum * world
-    peak = models.peak_flops(device)
-    flops_per_token = raw_model.estimate_flops_per_token(mc.block_size) if peak else None
-    save_every = cfg.save_interval or cfg.eval_interval
-    losses, val_loss, val_metrics = [], None, {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        disable=not (master and show_progress),
-        dynamic_ncols=True,
-    )
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(start + 1, cfg.max_steps + 1):  # `step` = optimizer steps done after it
-        if hasattr(raw_model, "maybe_grow") and raw_model.maybe_grow(step - 1):
-            # New parameters: a new optimizer (and wrappers) over them, same schedule position.
-            optimizer = make_optimizer(raw_model, cfg, device)
-            for g in optimizer.param_groups:
-                g.setdefault("initial_lr", g["lr"])
-            # Constructing with last_epoch=step-2 steps once: lr = lr_factor(step - 1), as if
-            # this optimizer had been stepped along from the start.
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: lr_factor(s, cfg), last_epoch=step - 2
-            )
-            model = wrap(raw_model)
-            n_params = sum(p.numel() for p in raw_model.parameters())
-            log(f"step {step - 1}: model grew to {n_params / 1e6:.2f}M parameters")
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            kw = batch_kwargs(*train_batches.next())
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with FS.set_gradient_sync(model, sync), autocast:
-                loss = model(**kw)[1]
-            loss_sum += loss.detach().float()
-            scaler.scale(loss / cfg.grad_accum).backward()
-        if world > 1:
-            dist.all_reduce(loss_sum)  # every rank sees the same loss and stops together
-        loss_val = loss_sum.item() / (cfg.grad_accum * world)
-        if not math.isfinite(loss_val):
-            bar.close()
-            last = latest_checkpoint(out)
-            raise TrainingDiverged(
-                f"loss is {loss_val} at step {step}; stopping. Try a lower --lr or --grad_clip"
-                + (f"; the last good checkpoint is {last}" if last else "")
-            )
-        trainable = [p for p in raw_model.parameters() if p.requires_grad]
-        if cfg.grad_clip > 0 and trainable:  # a counting model has nothing to clip
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(loss_val)
-
-        dt = time.perf_counter() - t0
-        tok_s = tokens_per_step / dt
-        mfu = tok_s / world * flops_per_token / peak if peak else None
-        bar.update(1)
-        if step % cfg.log_interval == 0 or step in (start + 1, cfg.max_steps):
-            lr = scheduler.get_last_lr()[0]
-            write({"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": round(tok_s, 1),
-                   "mfu": mfu})
-            post = {"loss": f"{loss_val:.4f}", "tok/s": f"{tok_s:,.0f}"}
-            if mfu is not None:
-                post["mfu"] = f"{100 * mfu:.1f}%"
-            bar.set_postfix(post, refresh=False)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val_loss, val_metrics = evaluate()
-            write({"step": step, "val_loss": val_loss, **val_metrics})
-            if master:
-                shown = "".join(f", {k} {v:.4f}" for k, v in val_metrics.items())
-                bar.write(
-                    f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}{shown}"
-                )
-        every = cfg.eval_hellaswag_every or cfg.eval_interval
-        if hella and (step % every == 0 or step == cfg.max_steps) and (master or sharded):
-            hs = E.hellaswag(raw_model, corpus.tokenizer, hella, cfg.batch_size, device)
-            write({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
-            if master:
-                bar.write(f"step {step}: hellaswag acc {hs['acc']:.4f}, "
-                          f"acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
-        if step % save_every == 0 or step == cfg.max_steps:
-            checkpoint(step)
-            if master:
-                plot_metrics(metrics, out / "loss.png")
-        t0 = time.perf_counter()  # eval and saving do not count against tokens/s
-    bar.close()
-
-    text = ""
-    if (master or sharded) and cfg.sample_tokens > 0:  # a sharded model: every rank samples
-        try:
-            text = _sample(raw_model, corpus.tokenizer, cfg, device, autocast)
-        except D.DataError as e:  # e.g. GPT-2 BPE files unavailable offline: the run stands
-            log(f"sample skipped: {e}")
-        if master and text:
-            (out / "sample.txt").write_text(text, encoding="utf-8")
-            log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
-    if world > 1:
-        dist.barrier()
-    return {"losses": losses, "val_loss": val_loss, "val_metrics": val_metrics, "sample": text,
-            "model": raw_model}
-
-
-def _check_resume(ckpt: dict, cfg: TrainConfig, overrides: dict, given: set[str]) -> None:
-    """The model of a resumed run is the checkpoint's; a conflicting flag is an error."""
-    clash = [f"--model {cfg.model}"] if "model" in given and cfg.model != ckpt["model"] else []
-    if "preset" in given and cfg.preset != ckpt["preset"]:
-        clash.append(f"--preset {cfg.preset}")
-    clash += [f"--{k} {v}" for k, v in overrides.items() if ckpt["model_overrides"].get(k) != v]
-    if clash:
-        raise ValueError(
-            f"cannot resume with a different model: {', '.join(clash)} differs "
-            f"from the checkpoint's {ckpt['model']}/{ckpt['preset']}"
+    def check_finite(self, step: int, loss: float) -> None:
+        """A finite loss can still leave NaN weights (the update overflowed): such a state
+        is never saved, so ``latest`` always names a good checkpoint."""
+        named = list(self.raw_model.named_parameters())
+        named += [(f"the optimizer's {k} of {n}", v) for (n, p) in named
+                  for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
+        finite = [torch.isfinite(FS.local(t)).all() for _, t in named]
+        ok = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool)
+        if self.world > 1:  # sharded parameters may differ across ranks: stop together
+            ok = ok.to(self.device, torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok):
+            return
+        bad = next((n for (n, _), f in zip(named, finite) if not f), "a parameter on another rank")
+        last = latest_checkpoint(self.out)
+        raise TrainingDiverged(
+            f"{bad} is not finite after step {step} (whose loss, {loss:.4g}, was): step {step} "
+            "is not saved; stopping. Try a lower --lr or --grad_clip"
+            + (f"; the last good checkpoint is {last}" if last else "")
         )
 
+    def write(self, row: dict) -> None:
+        if self.master:
+            append_metrics(self.metrics_path, row)
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after ``step`` (written after the checkpoint a resume continues from)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in rows if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    def log_step(self, step: int, loss: float, tok_s: float, mfu: float | None, bar) -> None:
+        row = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": round(tok_s, 1), "mfu": mfu}
+        self.write(row)
+        post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        bar.set_postfix(post, refresh=False)
+
+    def log_eval(self, step: int, loss: float, bar) -> tuple[float, dict[str, float]]:
+        val_loss, val_metrics = self.evaluate()
+        self.write({"step": step, "val_loss": val_loss, **val_metrics})
+        if self.master:
+            shown = "".join(f", {k} {v:.4f}" for k, v in val_metrics.items())
+            bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}{shown}")
+        return val_loss, val_metrics
+
+    # ------------------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, start, raw = self.cfg, self.start, self.raw_model
+        tokens_per_step = cfg.batch_size * raw.config.block_size * cfg.grad_accum * self.world
+        peak = models.peak_flops(self.device)
+        flops_per_token = raw.estimate_flops_per_token(raw.config.block_size) if peak else None
+        save_every = cfg.save_interval or cfg.eval_interval
+        losses, val_loss, val_metrics = [], None, {}
+        bar = tqdm(total=cfg.max_steps, initial=start,
+                   disable=not (self.master and self.show_progress), dynamic_ncols=True)
+        with bar:
+            self.model.train()
+            t0 = time.perf_counter()
+            for step in range(start + 1, cfg.max_steps + 1):  # `step`: optimizer steps done
+                self.maybe_grow(step)
+                loss = self.train_step(step)
+                losses.append(loss)
+                tok_s = tokens_per_step / (time.perf_counter() - t0)
+                mfu = tok_s / self.world * flops_per_token / peak if peak else None
+                bar.update(1)
+                if step % cfg.log_interval == 0 or step in (start + 1, cfg.max_steps):
+                    self.log_step(step, loss, tok_s, mfu, bar)
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    val_loss, val_metrics = self.log_eval(step, loss, bar)
+                every = cfg.eval_hellaswag_every or cfg.eval_interval
+                if self.hellaswag and (step % every == 0 or step == cfg.max_steps):
+                    self.log_hellaswag(step, bar)
+                if step % save_every == 0 or step == cfg.max_steps:
+                    self.save(step, loss)
+                t0 = time.perf_counter()  # eval and saving do not count against tokens/s
+        text = self.write_sample()
+        if self.world > 1:
+            dist.barrier()
+        return {"losses": losses, "val_loss": val_loss, "val_metrics": val_metrics,
+                "sample": text, "model": raw}
+
+    def log_hellaswag(self, step: int, bar) -> None:
+        """HellaSwag scores of the model now: rank 0 alone, or every rank on a sharded model
+        (its forward gathers the weights with collectives)."""
+        if not (self.master or self.sharded):
+            return
+        hs = E.hellaswag(self.raw_model, self.corpus.tokenizer, self.hellaswag,
+                         self.cfg.batch_size, self.device)
+        self.write({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
+        if self.master:
+            bar.write(f"step {step}: hellaswag acc {hs['acc']:.4f}, acc_norm "
+                      f"{hs['acc_norm']:.4f} ({hs['n']} examples)")
+
+    def write_sample(self) -> str:
+        cfg = self.cfg
+        # A sharded model samples on every rank (generate gathers weights collectively).
+        if not ((self.master or self.sharded) and cfg.sample_tokens > 0):
+            return ""
+        try:
+            text = _sample(self.raw_model, self.corpus.tokenizer, cfg, self.device, self.autocast)
+        except D.DataError as e:  # e.g. GPT-2 BPE files unavailable offline: the run stands
+            self.log(f"sample skipped: {e}")
+            return ""
+        if not self.master:
+            return text
+        (self.out / "sample.txt").write_text(text, encoding="utf-8")
+        self.log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
+        return text
+
+def _check_token_ids(corpus, vocab: int) -> None:
+    """Shards on disk hold another program's ids: one past the vocabulary would index
+    outside the embedding (a device-side crash on GPU). A chunked scan, once per run."""
+    chunk = 1 << 24
+    for ids in corpus.train + corpus.val:
+        if np.issubdtype(ids.dtype, np.integer) and np.iinfo(ids.dtype).max < vocab:
+            continue
+        for lo in range(0, len(ids), chunk):
+            part = np.asarray(ids[lo : lo + chunk])
+            top = int(part.max())
+            if top >= vocab:
+                where = getattr(ids, "filename", None) or "the corpus"
+                at = int(np.argmax(part >= vocab))  # the first bad id; its place in the file:
+                pos = getattr(ids, "token_offset", 0) + lo + at
+                raise D.DataError(
+                    f"{where} holds token id {int(part[at])} at position {pos}, past the "
+                    f"vocabulary (ids 0..{vocab - 1}): "
+                    "these shards were made with another tokenizer; pass --vocab_size "
+                    f"{top + 1} or more if the ids are right"
+                )
 
 
 def _sample(model, tokenizer, cfg: TrainConfig, device, autocast) -> str:

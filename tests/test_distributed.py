@@ -68,7 +68,7 @@ def test_global_order_does_not_depend_on_the_world_size(world, accum, batch):
     assert step_windows(1, 1, 8, 0) != step_windows(1, 1, 8, 1)
 
 
-def test_sampler_state_resumes_and_names_bad_ids(tmp_path):
+def test_sampler_state_resumes_exactly():
     b = D.Batches([np.arange(500)], 16, 4, seed=3, grad_accum=2)
     b.next()
     state = b.state_dict()
@@ -76,14 +76,20 @@ def test_sampler_state_resumes_and_names_bad_ids(tmp_path):
     other = D.Batches([np.arange(500)], 16, 4, seed=99, grad_accum=2)
     other.load_state_dict(state)
     assert all(torch.equal(w, other.next()[0]) for w in want)
-    ids = np.zeros(300, np.uint16)
-    ids[250] = 97
-    path = tmp_path / "s_train_000001.bin"
-    ids.tofile(path)
-    shard = D.read_bin(path)
-    with pytest.raises(D.DataError, match=r"s_train_000001.bin: token id 97 at position 250"):
-        for _ in range(50):
-            D.Batches([shard], 16, 8, seed=0, vocab_size=97).next()
+
+
+def test_ids_past_the_vocabulary_name_shard_and_position(tmp_path):
+    from nnfast import prepare as P
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for name, ids in (("a_val_000000.bin", np.zeros(100)), ("a_train_000001.bin", np.zeros(300))):
+        if "train" in name:
+            ids[250] = 97
+        P.write_shard(folder / name, ids, 1)
+    corpus = D.load_corpus(str(folder))
+    with pytest.raises(D.DataError, match=r"a_train_000001.bin holds token id 97 at position 250"):
+        T._check_token_ids(corpus, 97)
 
 
 # ----------------------------------------------------------------------------- DDP, FSDP2
