@@ -205,14 +205,29 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m nnfast consolidate",
                                 description="a sharded (FSDP) checkpoint -> one plain .pt file")
     p.add_argument("path", help="a run folder (its latest checkpoint) or a ckpt_*.dcp folder")
-    p.add_argument("--out", default=None, help="the .pt to write (default: next to it)")
+    p.add_argument("--out", default=None,
+                   help="a .pt file, or a folder made a plain run folder (checkpoint, latest, "
+                        "tokenizer.json) that export reads; default: the .pt next to it")
     a = p.parse_args(argv)
     path = Path(a.path)
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
+    dest = Path(a.out) if a.out else None
+    folder = dest is not None and dest.suffix != ".pt"
     try:
-        dest = consolidate(path, a.out)
-    except FileNotFoundError as e:
+        if folder:
+            if dest.exists() and any(dest.iterdir()):
+                raise FileExistsError(f"--out {dest} is not empty; nothing was written")
+            dest.mkdir(parents=True, exist_ok=True)
+            dest = dest / path.with_suffix(".pt").name
+        dest = consolidate(path, dest)
+        if folder:
+            from nnfast import data as D
+
+            D.save_tokenizer(D.tokenizer_from_dict(load_meta(path)["tokenizer"]),
+                             dest.parent / "tokenizer.json")
+            write_text_atomic(dest.parent / "latest", dest.name + "\n")
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(dest)

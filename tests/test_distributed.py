@@ -6,6 +6,7 @@ Kept tiny (2 layers, width 32, block 16, 4 steps): each 2-rank run spawns two pr
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from nnfast import data as D
 from nnfast import distributed as FS
 from nnfast import train as T
-from tests.test_train import WORDS, _ddp_worker, _free_port, base_args, cli, run
+from tests.test_train import WORDS, _ddp_worker, _free_port, base_args, cli, rows, run
 
 STEPS = 4
 
@@ -107,11 +108,15 @@ def test_ddp_two_ranks_equal_one_rank_and_accumulation(corpus, tmp_path, single)
 
 def test_fsdp_matches_and_resumes_on_another_world_size(corpus, tmp_path, single):
     out = tmp_path / "fsdp"
+    hs = tmp_path / "hs.jsonl"  # scored on the sharded model by both ranks
+    hs.write_text("".join(json.dumps({"ctx": "the fox", "endings": [" owls", "qq", "zz", "xx"],
+                                      "label": 0}) + "\n" for _ in range(3)))
     fsdp = args(corpus, out, parallel="fsdp", save_interval=2, sample_tokens=8,
-                activation_checkpointing="true")
+                activation_checkpointing="true", eval_hellaswag=hs)
     r0, r1 = spawn(fsdp, tmp_path)
     np.testing.assert_allclose(r0["losses"], single, rtol=1e-5)
     assert len((out / "sample.txt").read_text()) > 8  # generate on the sharded model
+    assert [r["step"] for r in rows(out) if "hellaswag_acc" in r] == [STEPS]
     assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000002.dcp", "ckpt_0000004.dcp"]
     assert not list(out.glob("*.tmp"))
     # The step-2 checkpoint, resumed by one process (no sharding): the same last two steps.
@@ -132,3 +137,8 @@ def test_fsdp_matches_and_resumes_on_another_world_size(corpus, tmp_path, single
         torch.testing.assert_close(v, b["model_state"][k], rtol=1e-4, atol=1e-5)
     assert cli.main(["consolidate", str(out / "later.dcp")]) == 0
     assert (out / "later.pt").is_file()
+    # A plain run folder from the sharded run's latest: what export and eval read.
+    (out / "latest").write_text("later.dcp\n")
+    assert cli.main(["consolidate", str(out), "--out", str(tmp_path / "plain_run")]) == 0
+    assert (tmp_path / "plain_run" / "latest").read_text() == "later.pt\n"
+    assert T.load_checkpoint(tmp_path / "plain_run" / "later.pt")["step"] == STEPS
