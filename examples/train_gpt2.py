@@ -2,9 +2,10 @@
 
 On a GPU: nanoGPT's shakespeare-char model (6 layers, 6 heads, 384 wide, block 256,
 dropout 0.2) on Tiny Shakespeare (downloaded once, or from $NNFAST_DATA_DIR).
-On a CPU: a 4-layer, 128-wide model on Tiny Shakespeare when it is already on this machine,
-else on the Python standard library's own source (no download); a few minutes, and the
-sample at the end reads like its corpus.
+On a CPU: a 4-layer, 128-wide model on Tiny Shakespeare when it is already on this machine
+(``--data auto``: $NNFAST_DATA_DIR, the current folder, the cache), else on the Python
+standard library's own source (no download); the first line printed says which. About
+15-20 minutes on 2 busy cores with 1 thread; the sample at the end reads like its corpus.
 
     python examples/train_gpt2.py                                 # the defaults for this machine
     python examples/train_gpt2.py --max_steps 300 --out runs/try  # any trainer or model field

@@ -2,8 +2,11 @@
 
 Layers: ``nnfast.kernels`` (Triton), ``nnfast.functional`` (public functions that pick the
 kernel or the PyTorch reference), ``nnfast`` modules (thin ``nn.Module`` wrappers), and
-``nnfast.models`` (architectures assembled from the modules).
+``nnfast.models`` (architectures assembled from the modules; imported on first use of
+``nnfast.models``, so ``import nnfast`` stays as fast as the kernels alone need).
 """
+
+import importlib
 
 from nnfast import functional
 from nnfast._backend import backend
@@ -30,5 +33,13 @@ __all__ = [
     "TokenMerge",
     "backend",
     "functional",
+    "models",
     "patch",
 ]
+
+
+def __getattr__(name: str):
+    # PEP 562: `nnfast.models` after a plain `import nnfast`, loaded only when first touched.
+    if name == "models":
+        return importlib.import_module("nnfast.models")
+    raise AttributeError(f"module 'nnfast' has no attribute {name!r}")

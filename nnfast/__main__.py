@@ -21,16 +21,20 @@ USAGE = """usage:
                          [--resume | --overwrite] [--device cpu|cuda] [--compile]
                          [--FIELD VALUE ...]
   python -m nnfast models          list the models and their presets
-  python -m nnfast train --help    list every trainer field
+  python -m nnfast train --help [--model NAME]
+                                   list every trainer field and that model's fields
   python -m nnfast prepare SOURCE --out DIR     text/.jsonl(.gz) -> llm.c token shards
   python -m nnfast eval RUN_DIR --task hellaswag --data FILE.jsonl
   python -m nnfast generate RUN_DIR --prompt TEXT
   python -m nnfast consolidate RUN_DIR_OR_CKPT.dcp   sharded (FSDP) -> one .pt checkpoint
 
-SOURCE: auto (Tiny Shakespeare when on this machine, else pystdlib), shakespeare, pystdlib
-(the Python standard library's source, no download), or a path to a text file, a folder,
-or .bin token shards. Flags may use - or _ (--max-steps == --max_steps). Any field of the
-model's config is a flag too (--n_layer 4 --dropout 0.1). Multi-GPU: torchrun
+SOURCE: auto (Tiny Shakespeare when found in $NNFAST_DATA_DIR, ./, ./data/ or the cache,
+else pystdlib; never downloads), shakespeare (downloads it once), pystdlib (the Python
+standard library's source, embedded), or a path to a text file, a folder, or .bin token
+shards. The first line of a run says which corpus it trains on and why.
+
+Flags may use - or _ (--max-steps == --max_steps). Any field of the model's config is a
+flag too (--n_layer 4 --dropout 0.1). Multi-GPU: torchrun
 --nproc_per_node N -m nnfast train ...
 
 --resume continues the run in DIR (flags given apply from there on; a different model,
@@ -136,14 +140,35 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def _train_help() -> str:
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in ``argv`` (a help request), else None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.partition("=")[2]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("<class '", "").replace("'>", "").replace("typing.", "")
+
+
+def _train_help(model: str = T.TrainConfig.model, preset: str | None = None) -> str:
+    """Every trainer field, then the fields of ``model``'s config with ``preset``'s values
+    (None: the default preset's): ``python -m nnfast train --help --model NAME``."""
+    if model not in models.list_models():
+        raise ValueError(f"unknown --model {model!r}; valid: {sorted(models.list_models())}")
     types_ = _field_types()
     lines = [USAGE, "trainer fields (default):"]
     for f in dataclasses.fields(T.TrainConfig):
-        tp = str(types_[f.name]).replace("<class '", "").replace("'>", "")
-        lines.append(f"  --{f.name:<18} {tp:<14} {f.default!r}")
-    lines.append("model fields (nnfast.models.DecoderConfig; presets: python -m nnfast models):")
-    lines.append("  " + ", ".join(f"--{name}" for name in models.field_types("gpt2")))
+        lines.append(f"  --{f.name:<18} {_type_name(types_[f.name]):<14} {f.default!r}")
+    config = models.make_config(model, preset)
+    presets = ", ".join(models.list_models()[model])
+    lines.append(f"model fields of --model {model} ({type(config).__name__}; values of preset "
+                 f"{preset or 'default'}; presets: {presets}; other models: --model NAME):")
+    for name, tp in models.field_types(model).items():
+        lines.append(f"  --{name:<18} {_type_name(tp):<14} {getattr(config, name)!r}")
     return "\n".join(lines)
 
 
@@ -166,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {cmd!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
-        print(_train_help())
+        try:
+            model = _flag_value(rest, "model") or T.TrainConfig.model
+            print(_train_help(model, _flag_value(rest, "preset")))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     return train_main(rest)
 

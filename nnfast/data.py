@@ -2,11 +2,13 @@
 
 Sources (``load_corpus``):
 
-* ``shakespeare``: Tiny Shakespeare, from ``$NNFAST_DATA_DIR/tinyshakespeare.txt`` when set,
+* ``shakespeare``: Tiny Shakespeare, from the first of ``shakespeare_candidates()`` that exists,
   else downloaded once into ``$NNFAST_CACHE_DIR`` (default ``~/.cache/nnfast``); sha256-checked.
 * ``pystdlib``: the embedded default. The ASCII ``.py`` files of this machine's Python standard
   library in sorted order, capped at a few MB: no network, and a char vocabulary under 100.
-* ``auto``: Tiny Shakespeare when it is on this machine already, else ``pystdlib``.
+* ``auto``: Tiny Shakespeare when it is on this machine already (``shakespeare_candidates``:
+  ``$NNFAST_DATA_DIR``, the current folder, the cache), else ``pystdlib``; never a download.
+  The corpus description says which, and where it looked.
 * a path: a text file, a folder of text files, or ``.bin`` token shards (nanoGPT's raw uint16
   or llm.c's format with a 256-int32 header), memory-mapped.
 
@@ -185,15 +187,31 @@ def check_sha256(path: Path, expected: str) -> None:
         )
 
 
+def shakespeare_candidates() -> list[tuple[Path, str]]:
+    """Where Tiny Shakespeare is looked for on this machine, in order, and how to name each:
+    ``$NNFAST_DATA_DIR``, the folder the command runs in (``tinyshakespeare.txt``,
+    ``data/tinyshakespeare.txt``, nanoGPT's ``data/shakespeare_char/input.txt``), the cache.
+    Any file found must have the corpus's sha256, so a different file is never taken for it."""
+    found = []
+    data_dir = os.environ.get("NNFAST_DATA_DIR")
+    if data_dir:
+        found.append((Path(data_dir) / SHAKESPEARE_FILE, "from $NNFAST_DATA_DIR"))
+    for rel in (SHAKESPEARE_FILE, f"data/{SHAKESPEARE_FILE}", "data/shakespeare_char/input.txt"):
+        found.append((Path(rel), "from the current folder"))
+    found.append((cache_dir() / SHAKESPEARE_FILE, f"from the cache {cache_dir()}"))
+    return found
+
+
 def _local_shakespeare() -> tuple[Path, str] | None:
     """Tiny Shakespeare already on this machine, and where it was found."""
-    data_dir = os.environ.get("NNFAST_DATA_DIR")
-    if data_dir and (Path(data_dir) / SHAKESPEARE_FILE).is_file():
-        return Path(data_dir) / SHAKESPEARE_FILE, "from $NNFAST_DATA_DIR"
-    cached = cache_dir() / SHAKESPEARE_FILE
-    if cached.is_file():
-        return cached, f"from the cache {cache_dir()}"
-    return None
+    return next(((p, why) for p, why in shakespeare_candidates() if p.is_file()), None)
+
+
+def _searched() -> str:
+    """The places ``auto`` looked, for the line that says it did not find Tiny Shakespeare."""
+    places = [str(p) if p.is_absolute() else f"./{p}" for p, _ in shakespeare_candidates()]
+    unset = [] if os.environ.get("NNFAST_DATA_DIR") else ["$NNFAST_DATA_DIR (unset)"]
+    return ", ".join(unset + places)
 
 
 def shakespeare_path() -> tuple[Path, str]:
@@ -300,6 +318,7 @@ class Corpus:
     val: list[np.ndarray]
     tokenizer: Tokenizer
     description: str  # the one line that says which corpus and why
+    embedded: bool = False  # the embedded default (pystdlib), not data the user chose
 
 
 def _split(ids: np.ndarray, val_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -340,19 +359,25 @@ def load_corpus(
     if tokenizer not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
     path = Path(os.path.expanduser(source))
+    embedded = False
     if source in SOURCES:
-        if source == "auto":
-            local = _local_shakespeare()
-            source = "shakespeare" if local else "pystdlib"
+        auto = source == "auto"
+        if auto:
+            source = "shakespeare" if _local_shakespeare() else "pystdlib"
         if source == "shakespeare":
             file, why = shakespeare_path()
-            text, desc = read_text(file), f"shakespeare {why} ({file})"
+            text, desc = read_text(file), f"Tiny Shakespeare {why} ({file})"
         else:
             text, nfiles = pystdlib_text()
+            embedded = True
             desc = (
-                f"pystdlib (embedded default; no download needed): {nfiles} standard-library "
-                f"files, {len(text):,} characters"
+                f"the EMBEDDED corpus pystdlib ({nfiles} files of this Python's standard "
+                f"library, {len(text):,} characters)"
             )
+            if auto:
+                desc += (f", because --data auto found no Tiny Shakespeare in {_searched()}; "
+                         "pass --data shakespeare to download it, or --data PATH for a file "
+                         "or folder")
     elif path.is_dir() and (path / "manifest.json").is_file():
         return _load_prepared(path, tokenizer, saved_tokenizer)
     elif path.is_dir() and sorted(path.glob("*.bin")):
@@ -390,7 +415,8 @@ def load_corpus(
     else:
         ids = tok.encode(text)
     train, val = _split(ids, val_fraction)
-    return Corpus(train, val, tok, f"{desc}; {tok.kind} tokenizer, {len(ids):,} tokens")
+    return Corpus(train, val, tok, f"{desc}; {tok.kind} tokenizer, {len(ids):,} tokens",
+                  embedded)
 
 
 def _load_shards(files, tokenizer, val_fraction, saved_tokenizer) -> Corpus:

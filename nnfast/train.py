@@ -32,6 +32,7 @@ import random
 import re
 import time
 import typing
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class TrainConfig:
     out: str = "runs/nnfast"  # run folder: checkpoints, metrics.jsonl, loss.png, sample.txt
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch's CPU threads; 0: $OMP_NUM_THREADS, else half the cores (<= 8)
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float16...
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch per rank
@@ -131,7 +133,8 @@ def _validate(cfg: TrainConfig) -> None:
                  "log_interval", "keep_checkpoints"):
         check(getattr(cfg, name) >= 1, name, ">= 1")
     for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
-                 "weight_decay", "grad_clip", "eval_hellaswag_every"):
+                 "threads", "weight_decay", "grad_clip",
+                 "eval_hellaswag_every"):
         check(getattr(cfg, name) >= 0, name, ">= 0")
     check(0.0 <= cfg.val_fraction < 1.0, "val_fraction", "in [0, 1)")
     check(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]")
@@ -183,6 +186,37 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+def cpu_threads(requested: int = 0, local_world: int = 1) -> tuple[int, str]:
+    """Threads for torch's CPU ops, and where the number comes from.
+
+    ``--threads`` wins, then ``$OMP_NUM_THREADS``; else half of the cores this process may
+    use, split among the ranks on this machine, at most 8. Torch's own default (every core)
+    is the worst choice on a shared or busy machine: a step waits for its slowest thread, and
+    one preempted thread stalls them all (issue 17: 2 threads on 2 busy cores ran 8x slower
+    than 1). The small models a CPU trains gain little from more than a few threads."""
+    if requested > 0:
+        return requested, "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "$OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = max(1, min(8, (cores or 1) // 2 // max(1, local_world)))
+    return n, f"default: half of this machine's {cores} cores, at most 8"
+
+
+class Throughput:
+    """Tokens per second over the last ``window`` steps: a moving average, so the progress
+    bar does not jump with one slow step (a busy machine, a checkpoint write)."""
+
+    def __init__(self, tokens_per_step: int, window: int = 20):
+        self.tokens_per_step = tokens_per_step
+        self.times: deque[float] = deque(maxlen=window)
+
+    def update(self, seconds: float) -> float:
+        self.times.append(seconds)
+        return self.tokens_per_step * len(self.times) / max(sum(self.times), 1e-9)
 
 
 def _autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -306,11 +340,15 @@ class Trainer:
         if self.device.type == "cuda":  # TF32 matmuls: fp32 range, ~3x the fp32 throughput
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.notes: list[str] = []  # printed after the data line, which comes first
         self.lock = None
         self._lock_run_folder()
         try:
             ckpt = self._find_resume(cfg, dict(overrides or {}), resume, given)
             self._setup_data(ckpt)
+            for note in self.notes:
+                self.log(note)
+            self._setup_threads()
             self._setup_model(ckpt)
             self._setup_optimizer(ckpt)
             self._setup_run_folder()
@@ -331,7 +369,7 @@ class Trainer:
         if self.master:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                self.lock = RunLock(self.out).acquire(self.log)
+                self.lock = RunLock(self.out).acquire(self.notes.append)
             except RunFolderError as e:
                 error = ("run", str(e))
             except OSError as e:  # not a folder, not writable, disk full
@@ -350,15 +388,15 @@ class Trainer:
         if resume and cfg.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: "
                              "pass one of them")
-        found = find_checkpoint(self.out, self.log) if resume else None
+        found = find_checkpoint(self.out, self.notes.append) if resume else None
         if found is None:
             self._start_afresh(resume)
             return None
         path, ckpt = found
         self.ckpt_path = path
-        self.cfg = resumed_config(ckpt, cfg, overrides, given, self.log, lr_factor)
+        self.notes.append(f"resume: {path} (step {ckpt['step']})")
+        self.cfg = resumed_config(ckpt, cfg, overrides, given, self.notes.append, lr_factor)
         self.overrides = dict(ckpt["model_overrides"])
-        self.log(f"resume: {path} (step {ckpt['step']})")
         return ckpt
 
     def _start_afresh(self, resume: bool) -> None:
@@ -366,7 +404,7 @@ class Trainer:
         old = run_files(self.out)
         if not old:
             if resume:
-                self.log(f"resume: no checkpoint in {self.out}; starting fresh")
+                self.notes.append(f"resume: no checkpoint in {self.out}; starting fresh")
             return
         if not self.cfg.overwrite:
             names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
@@ -382,7 +420,7 @@ class Trainer:
         if self.master:
             for p in old:
                 remove_checkpoint(p)
-        self.log(f"overwrite: deleted the previous run's {len(old)} files in {self.out}")
+        self.notes.append(f"overwrite: deleted the previous run's {len(old)} files in {self.out}")
 
     def _setup_data(self, ckpt: dict | None) -> None:
         cfg = self.cfg
@@ -399,6 +437,16 @@ class Trainer:
         _check_token_ids(self.corpus, self.overrides["vocab_size"])
         # The checkpoint records the tokenizer used, not "auto".
         self.cfg = dataclasses.replace(cfg, tokenizer=self.corpus.tokenizer.kind)
+
+    def _setup_threads(self) -> None:
+        """On a CPU, pick torch's thread count (``cpu_threads``) and say why."""
+        self.threads = None
+        if self.device.type != "cpu":
+            return
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.threads, why = cpu_threads(self.cfg.threads, local_world)
+        torch.set_num_threads(self.threads)
+        self.log(f"cpu threads: {self.threads} ({why}; set with --threads N or OMP_NUM_THREADS)")
 
     def _setup_model(self, ckpt: dict | None) -> None:
         cfg = self.cfg
@@ -488,6 +536,11 @@ class Trainer:
                     remove_checkpoint(tmp)
             D.save_tokenizer(self.corpus.tokenizer, self.out / "tokenizer.json")
             truncate_metrics(self.metrics_path, self.start, self.log)
+            # What this (part of the) run trained on, first: a row without "loss".
+            append_metrics(self.metrics_path, {
+                "step": self.start, "data": self.corpus.description,
+                "embedded_corpus": self.corpus.embedded, "cpu_threads": self.threads,
+            })
 
     # ------------------------------------------------------------------------- steps
     def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -641,6 +694,7 @@ class Trainer:
 
         cfg, start, raw = self.cfg, self.start, self.raw_model
         tokens_per_step = cfg.batch_size * raw.config.block_size * cfg.grad_accum * self.world
+        throughput = Throughput(tokens_per_step)
         peak = models.peak_flops(self.device)
         flops_per_token = raw.estimate_flops_per_token(raw.config.block_size) if peak else None
         save_every = cfg.save_interval or cfg.eval_interval
@@ -654,7 +708,7 @@ class Trainer:
                 self.maybe_grow(step)
                 loss = self.train_step(step)
                 losses.append(loss)
-                tok_s = tokens_per_step / (time.perf_counter() - t0)
+                tok_s = throughput.update(time.perf_counter() - t0)
                 mfu = tok_s / self.world * flops_per_token / peak if peak else None
                 bar.update(1)
                 if step % cfg.log_interval == 0 or step in (start + 1, cfg.max_steps):
@@ -698,7 +752,8 @@ class Trainer:
         if not self.master:
             return text
         (self.out / "sample.txt").write_text(text, encoding="utf-8")
-        self.log(f"sample ({cfg.sample_tokens} tokens):\n{text}")
+        title = getattr(self.raw_model, "demo_title", None)  # a task demo, not an LM sample
+        self.log(f"{title or f'sample ({cfg.sample_tokens} tokens)'}:\n{text}")
         return text
 
 def _check_token_ids(corpus, vocab: int) -> None:

@@ -19,9 +19,10 @@ HAS_TIKTOKEN_CACHE = bool(os.environ.get("TIKTOKEN_CACHE_DIR"))
 
 @pytest.fixture
 def no_local_data(tmp_path, monkeypatch):
-    """No NNFAST_DATA_DIR and an empty cache: what a fresh machine sees."""
+    """No NNFAST_DATA_DIR, an empty cache, an empty current folder: a fresh machine."""
     monkeypatch.delenv("NNFAST_DATA_DIR", raising=False)
     monkeypatch.setenv("NNFAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
@@ -59,7 +60,7 @@ def test_gpt2_tokenizer():
 def test_pystdlib_is_deterministic_capped_and_small_vocab(no_local_data, capsys):
     a = D.load_corpus("pystdlib")
     b = D.load_corpus("pystdlib")
-    assert a.description.startswith("pystdlib (embedded default; no download needed)")
+    assert a.description.startswith("the EMBEDDED corpus pystdlib") and a.embedded
     n = len(a.train[0]) + len(a.val[0])
     assert 100_000 < n <= D.PYSTDLIB_MAX_BYTES
     assert np.array_equal(a.train[0], b.train[0]) and a.tokenizer.chars == b.tokenizer.chars
@@ -68,17 +69,39 @@ def test_pystdlib_is_deterministic_capped_and_small_vocab(no_local_data, capsys)
     assert "def " in a.tokenizer.decode(a.train[0][:20000])
 
 
-def test_auto_without_local_shakespeare_is_pystdlib(no_local_data):
-    assert D.load_corpus("auto").description.startswith("pystdlib")
+def test_auto_without_local_shakespeare_is_pystdlib_and_says_where_it_looked(no_local_data):
+    c = D.load_corpus("auto")
+    assert c.embedded and c.description.startswith("the EMBEDDED corpus pystdlib")
+    for place in ("$NNFAST_DATA_DIR (unset)", "./data/tinyshakespeare.txt",
+                  str(no_local_data / "cache" / D.SHAKESPEARE_FILE), "--data PATH"):
+        assert place in c.description
+
+
+@pytest.mark.parametrize("rel", ["tinyshakespeare.txt", "data/tinyshakespeare.txt",
+                                 "data/shakespeare_char/input.txt"])
+def test_auto_finds_shakespeare_in_the_current_folder(no_local_data, monkeypatch, rel):
+    content = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+    monkeypatch.setattr(D, "SHAKESPEARE_SHA256", hashlib.sha256(content).hexdigest())
+    (no_local_data / rel).parent.mkdir(parents=True, exist_ok=True)
+    (no_local_data / rel).write_bytes(content)
+    c = D.load_corpus("auto")
+    assert not c.embedded
+    assert c.description.startswith(f"Tiny Shakespeare from the current folder ({rel})")
+
+
+def test_auto_rejects_a_different_file_under_the_shakespeare_name(no_local_data):
+    (no_local_data / D.SHAKESPEARE_FILE).write_text("not the corpus\n")
+    with pytest.raises(D.DataError, match="sha256 mismatch"):
+        D.load_corpus("auto")
 
 
 @pytest.mark.skipif(not HAS_SHAKESPEARE, reason="needs NNFAST_DATA_DIR with tinyshakespeare.txt")
 def test_shakespeare_from_data_dir():
     c = D.load_corpus("shakespeare")
-    assert c.description.startswith("shakespeare from $NNFAST_DATA_DIR")
+    assert c.description.startswith("Tiny Shakespeare from $NNFAST_DATA_DIR")
     assert c.tokenizer.vocab_size == 65
     assert len(c.train[0]) + len(c.val[0]) == 1_115_394
-    assert D.load_corpus("auto").description.startswith("shakespeare")
+    assert D.load_corpus("auto").description.startswith("Tiny Shakespeare")
 
 
 def _fake_download(content: bytes, calls: list):

@@ -212,7 +212,7 @@ def test_no_loadable_checkpoint_needs_overwrite(corpus, tmp_path, torch_backend,
     assert cli.main(["train", *base_args(corpus, out, max_steps=1, sample_tokens=0),
                      "--overwrite"]) == 0
     assert "overwrite: deleted the previous run's" in capsys.readouterr().out
-    assert [r["step"] for r in rows(out)] == [1, 1]  # the new run's loss and val rows
+    assert [r["step"] for r in rows(out) if "loss" in r or "val_loss" in r] == [1, 1]  # new run
     assert ckpt_names(out) == ["ckpt_0000001.pt"]
 
 
@@ -247,6 +247,18 @@ def test_full_disk_is_one_line_and_leaves_no_tmp(corpus, tmp_path, torch_backend
     assert cli.main(["train", *base_args(corpus, out, max_steps=4, save_interval=2)]) == 1
     one_line_error(capsys, "could not write the checkpoint")
     assert ckpt_names(out) == ["ckpt_0000002.pt"] and not list(out.glob("*.tmp"))
+    assert not (out / "run.lock").exists()
+
+
+def test_full_disk_while_logging_is_one_line(corpus, tmp_path, torch_backend, monkeypatch,
+                                             capsys):
+    def full_disk(path, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(T, "append_metrics", full_disk)
+    out = tmp_path / "run"
+    assert cli.main(["train", *base_args(corpus, out)]) == 1
+    one_line_error(capsys, "No space left on device")
     assert not (out / "run.lock").exists()
 
 

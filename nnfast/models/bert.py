@@ -29,6 +29,7 @@ from nnfast.models.encoder import (
     token_accuracy,
 )
 from nnfast.models.flops import MFUMixin
+from nnfast.models.head import lm_output
 
 N_SPECIAL = 4  # [PAD] [MASK] [CLS] [SEP]
 
@@ -89,7 +90,10 @@ class Bert(MFUMixin, nn.Module):
 
     ``padding_mask`` (B, T) bool, True = real token (None: ``idx != pad_id``). Without
     targets: ``(logits (B, T, V), None)``; with targets (-100 = not predicted):
-    ``(None, loss)`` through the fused linear + cross-entropy."""
+    ``(None, loss)`` through the fused linear + cross-entropy, or ``(logits, loss)`` with
+    ``return_logits=True`` (``nnfast.models.head``)."""
+
+    demo_title = "masked-LM demo (every 7th token masked)"  # the trainer's label for demo()
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -127,14 +131,14 @@ class Bert(MFUMixin, nn.Module):
         h = self.encoder(x, key_padding(padding_mask))
         return self.head_norm(F.gelu(self.head_fc(h)))
 
-    def forward(self, idx, targets=None, padding_mask=None, token_type_ids=None):
-        h = self.hidden_states(idx, padding_mask, token_type_ids)
-        if targets is None:
-            return nn.functional.linear(h, self.wte.weight, self.head_bias), None
-        if tuple(targets.shape) != tuple(idx.shape):
+    def forward(self, idx, targets=None, padding_mask=None, token_type_ids=None, *,
+                return_logits: bool = False):
+        if targets is not None and tuple(targets.shape) != tuple(idx.shape):
             raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, "
                              f"got {tuple(targets.shape)}")
-        return None, F.linear_cross_entropy(h, self.wte.weight, targets, bias=self.head_bias)
+        h = self.hidden_states(idx, padding_mask, token_type_ids)
+        return lm_output(h, self.wte.weight, targets, bias=self.head_bias,
+                         return_logits=return_logits)
 
     # ------------------------------------------------------------------ trainer hooks
     def prepare_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:

@@ -160,9 +160,12 @@ class ContextLM(MFUMixin, nn.Module):
         *,
         last_only: bool = False,
         ignore_index: int = -100,
+        return_logits: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``idx`` (B, T) ids, ``targets`` (B, T) or None -> (logits (B, T, V), loss or None);
-        with ``last_only`` the logits of the last position only, (B, 1, V)."""
+        with ``last_only`` the logits of the last position only, (B, 1, V). The logits are
+        small here, so they are always returned (``return_logits`` is accepted for the shared
+        contract of ``nnfast.models.head``)."""
         self._check_idx(idx, targets)
         w = self.windows(idx)  # (B, T, n)
         if last_only:
@@ -262,6 +265,7 @@ class Bigram(ContextLM):
         *,
         last_only: bool = False,
         ignore_index: int = -100,
+        return_logits: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits, loss = super().forward(idx, targets, last_only=last_only,
                                        ignore_index=ignore_index)

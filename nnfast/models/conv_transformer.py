@@ -39,13 +39,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as torch_F
 from torch import nn
 
 import nnfast
-from nnfast import functional as F
 from nnfast.models.decoder import Block, Decoder, DecoderConfig, generate_uncached, make_norm
 from nnfast.models.flops import MFUMixin
+from nnfast.models.head import lm_output
 
 
 def _ints(name: str, text: str) -> tuple[int, ...]:
@@ -243,20 +242,17 @@ class ConvTransformer(MFUMixin, nn.Module):
         *,
         last_only: bool = False,
         ignore_index: int = -100,
+        return_logits: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """As ``Decoder.forward``: ``(logits, None)`` without targets (B, T, V), or (B, 1, V)
-        with ``last_only``; ``(None, loss)`` with targets and ``fused_loss``; else both."""
+        with ``last_only``; with targets ``(None, loss)``, or ``(logits, loss)`` with
+        ``return_logits=True`` or ``fused_loss=False``."""
         self._check_idx(idx, targets)
         h = self.hidden_states(idx)  # (B, T, w0)
-        if targets is None:
-            return self.lm_head(h[:, -1:] if last_only else h), None
-        if self.config.fused_loss:
-            W = self.lm_head.weight
-            return None, F.linear_cross_entropy(h, W, targets, ignore_index=ignore_index)
-        logits = self.lm_head(h)  # (B, T, V)
-        loss = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                     ignore_index=ignore_index)
-        return logits, loss
+        if targets is None and last_only:
+            h = h[:, -1:]
+        return lm_output(h, self.lm_head.weight, targets, return_logits=return_logits,
+                         fused=self.config.fused_loss, ignore_index=ignore_index)
 
     @torch.no_grad()
     def generate(

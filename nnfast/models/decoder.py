@@ -18,12 +18,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as torch_F
 from torch import nn
 
 import nnfast
-from nnfast import functional as F
 from nnfast.models.flops import MFUMixin
+from nnfast.models.head import lm_output
 
 
 @dataclass
@@ -214,28 +213,25 @@ class Decoder(MFUMixin, nn.Module):
         *,
         last_only: bool = False,
         ignore_index: int = -100,
+        return_logits: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` (B, T) int token ids, ``targets`` (B, T) int or None.
 
         Without targets: ``(logits, None)``, logits (B, T, V), or (B, 1, V) with
         ``last_only`` (generation needs only the last position).
-        With targets and ``config.fused_loss`` (default): ``(None, loss)``; the loss comes
-        from ``nnfast.functional.linear_cross_entropy`` over the hidden states and the head
+        With targets: ``(None, loss)`` by default; the loss comes from
+        ``nnfast.functional.linear_cross_entropy`` over the hidden states and the head
         weight, which never materializes the (B*T, V) logits, so there are none to return.
-        With ``fused_loss=False``: ``(logits, loss)`` through ``F.cross_entropy``.
-        Targets equal to ``ignore_index`` do not count.
+        With ``return_logits=True`` (or ``config.fused_loss=False``): ``(logits, loss)``, the
+        loss by ``F.cross_entropy`` on the logits. Targets equal to ``ignore_index`` do not
+        count. The contract of every ``nnfast.models`` family (``nnfast.models.head``).
         """
         self._check_idx(idx, targets)
         h = self.hidden_states(idx)  # (B, T, d)
-        if targets is None:
-            return self.lm_head(h[:, -1:] if last_only else h), None
-        if self.config.fused_loss:
-            W = self.lm_head.weight
-            return None, F.linear_cross_entropy(h, W, targets, ignore_index=ignore_index)
-        logits = self.lm_head(h)  # (B, T, V)
-        loss = torch_F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                     ignore_index=ignore_index)
-        return logits, loss
+        if targets is None and last_only:
+            h = h[:, -1:]
+        return lm_output(h, self.lm_head.weight, targets, return_logits=return_logits,
+                         fused=self.config.fused_loss, ignore_index=ignore_index)
 
     # ------------------------------------------------------------------ generation
     def make_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 import nnfast
-from nnfast import functional as F
 from nnfast.models.flops import MFUMixin
+from nnfast.models.head import lm_output
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "gated-gelu", "relu")
@@ -378,9 +378,10 @@ class EncoderDecoder(MFUMixin, nn.Module):
     def _src_mask(self, src, src_mask):
         return src != self.pad_id if src_mask is None else src_mask
 
-    def forward(self, src, tgt_in, targets=None, src_mask=None):
+    def forward(self, src, tgt_in, targets=None, src_mask=None, *, return_logits: bool = False):
         """``(logits (B, T, V), None)`` without targets, else ``(None, loss)`` from the fused
-        linear + cross-entropy (label smoothing from the config)."""
+        linear + cross-entropy (label smoothing from the config), or ``(logits, loss)`` with
+        ``return_logits=True`` (``nnfast.models.head``)."""
         c = self.config
         check_ids("tgt_in", tgt_in, c.total_vocab, c.block_size)
         if targets is not None and tuple(targets.shape) != tuple(tgt_in.shape):
@@ -388,11 +389,8 @@ class EncoderDecoder(MFUMixin, nn.Module):
                              f"got {tuple(targets.shape)}")
         memory = self.encode(src, src_mask)
         h = self.decode(tgt_in, memory, self._src_mask(src, src_mask))
-        if targets is None:
-            return self.lm_head(h), None
-        loss = F.linear_cross_entropy(h, self.lm_head.weight, targets,
-                                      label_smoothing=c.label_smoothing)
-        return None, loss
+        return lm_output(h, self.lm_head.weight, targets, return_logits=return_logits,
+                         label_smoothing=c.label_smoothing)
 
     # ------------------------------------------------------------------ generation
     def make_caches(self, batch_size: int, max_len: int, dtype=None) -> list:

@@ -62,6 +62,8 @@ T5_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class T5(EncoderDecoder):
+    demo_title = "span-corruption demo (greedy fill of the masked spans)"  # demo()'s label
+
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
         self.eos_id = config.vocab_size + 1

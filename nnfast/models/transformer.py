@@ -56,6 +56,8 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class Transformer(EncoderDecoder):
+    demo_title = "task demo (seq2seq, greedy decoding)"  # the trainer's label for demo()
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
         self.bos_id, self.eos_id = config.vocab_size + 1, config.vocab_size + 2
@@ -97,10 +99,10 @@ class Transformer(EncoderDecoder):
                                              generator=gen)
         out = self.generate(batch["src"], c.max_len + 1, self.bos_id, self.eos_id)[:, 1:]
 
-        def show(t: list[int]) -> str:
-            return " ".join(repr(tokenizer.decode([i])) for i in t if i < c.vocab_size)
+        def show(t: list[int]) -> str:  # the task's symbols are ids, not the corpus's text
+            return " ".join(str(i) for i in t if i < c.n_symbols)
 
-        lines = [f"task: {c.task} (symbols are token ids 0..{c.n_symbols - 1})"]
+        lines = [f"task: {c.task} strings of symbols 0..{c.n_symbols - 1}; input  ->  model"]
         for s, o in zip(batch["src"].tolist(), out.tolist()):
             lines.append(f"{show(s)}  ->  {show(o)}")
         return "\n".join(lines)
