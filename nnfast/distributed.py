@@ -198,8 +198,7 @@ def consolidate(path: Path, dest: Path | None = None) -> Path:
     return dest
 
 
-def main(argv: list[str]) -> int:
-    """``python -m nnfast consolidate RUN_DIR_OR_CKPT.dcp [--out FILE]``."""
+def parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m nnfast consolidate",
@@ -208,7 +207,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None,
                    help="a .pt file, or a folder made a plain run folder (checkpoint, latest, "
                         "tokenizer.json) that export reads; default: the .pt next to it")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``python -m nnfast consolidate RUN_DIR_OR_CKPT.dcp [--out FILE]``."""
+    a = parser().parse_args(argv)
     path = Path(a.path)
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()

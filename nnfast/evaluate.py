@@ -131,7 +131,7 @@ def hellaswag(model, tok, examples: list[Example], batch_size: int = 16, device=
     return {"n": n, "acc": acc / n, "acc_norm": acc_norm / n}
 
 
-def main(argv: list[str]) -> int:
+def parser():
     p = argparse.ArgumentParser(prog="python -m nnfast eval", description=__doc__.split("\n")[0])
     p.add_argument("path", help="a run folder, a checkpoint, or a Hugging Face folder")
     p.add_argument("--task", default="hellaswag", choices=TASKS)
@@ -139,7 +139,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=int, default=None, help="score the first N examples only")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
         examples = read_hellaswag(a.data)[: a.limit]

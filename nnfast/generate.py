@@ -30,7 +30,7 @@ def generate_text(run, prompt: str, max_new_tokens: int = 200, temperature: floa
     return tok.decode(out[0].tolist())
 
 
-def main(argv: list[str]) -> int:
+def parser():
     p = argparse.ArgumentParser(prog="python -m nnfast generate",
                                 description=__doc__.split("\n")[0])
     p.add_argument("path", help="a run folder, a checkpoint, or a Hugging Face folder")
@@ -41,7 +41,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
         run = load_run(a.path, device)

@@ -276,7 +276,7 @@ def prepare(source: str, out: str | os.PathLike, tokenizer: str = "gpt2",
     return manifest
 
 
-def main(argv: list[str]) -> int:
+def parser():
     p = argparse.ArgumentParser(prog="python -m nnfast prepare", description=__doc__.split("\n")[0])
     p.add_argument("source", help="a text file, a .jsonl/.jsonl.gz file, or a folder of them")
     p.add_argument("--out", required=True, help="the shard folder (resumes an unfinished one)")
@@ -285,7 +285,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--val_tokens", type=int, default=None, help="default: --shard_tokens")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--text_field", default="text", help="the .jsonl field holding the text")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
     try:
         m = prepare(a.source, a.out, a.tokenizer, a.shard_tokens, a.val_tokens, a.workers,
                     a.text_field)
