@@ -185,6 +185,8 @@ def consolidate(path: Path, dest: Path | None = None) -> Path:
     from nnfast import models
     from nnfast.train import TrainConfig, make_optimizer
 
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a plain checkpoint already (not a ckpt_*.dcp folder)")
     meta = load_meta(path)
     model = models.create(meta["model"], meta["preset"], **meta["model_overrides"])
     cfg = TrainConfig(**{**meta["train_config"], "parallel": "ddp"})

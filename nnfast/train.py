@@ -490,6 +490,9 @@ class Trainer:
         if ckpt is not None:
             fresh = [{k: v for k, v in g.items() if k != "params"}
                      for g in self.optimizer.param_groups]
+            if "optimizer" in ckpt and self.sharded:  # whole tensors for sharded parameters
+                raise UsageError(f"{self.ckpt_path} is a plain (DDP or one-process) checkpoint: "
+                                 "resume it with --parallel ddp (FSDP resumes from ckpt_*.dcp)")
             if "optimizer" in ckpt:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             else:  # sharded: weights and optimizer resharded to this world size

@@ -135,6 +135,7 @@ def test_fsdp_matches_and_resumes_on_another_world_size(corpus, tmp_path, single
     assert a["step"] == b["step"] == STEPS and a["model_state"].keys() == b["model_state"].keys()
     for k, v in a["model_state"].items():
         torch.testing.assert_close(v, b["model_state"][k], rtol=1e-4, atol=1e-5)
+    assert cli.main(["consolidate", str(out / "ckpt_0000004.pt")]) == 1  # plain already
     assert cli.main(["consolidate", str(out / "later.dcp")]) == 0
     assert (out / "later.pt").is_file()
     # A plain run folder from the sharded run's latest: what export and eval read.
