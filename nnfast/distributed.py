@@ -18,6 +18,7 @@ checkpoint (``python -m nnfast consolidate RUN_DIR``) that eval, generate and ex
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -189,7 +190,9 @@ def consolidate(path: Path, dest: Path | None = None) -> Path:
         raise FileNotFoundError(f"{path} is a plain checkpoint already (not a ckpt_*.dcp folder)")
     meta = load_meta(path)
     model = models.create(meta["model"], meta["preset"], **meta["model_overrides"])
-    cfg = TrainConfig(**{**meta["train_config"], "parallel": "ddp"})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # saved by another version
+    cfg = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in known},
+                      parallel="ddp")
     optimizer = make_optimizer(model, cfg, torch.device("cpu"))
     load_sharded(path, model, optimizer)
     state = dict(meta, model_state=model.state_dict(), optimizer=optimizer.state_dict())

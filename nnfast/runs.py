@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _from_checkpoint(path: Path, device) -> Loaded:
         ckpt = load_checkpoint(path)
         model = models.create(ckpt["model"], ckpt["preset"], **ckpt["model_overrides"])
         tok = D.tokenizer_from_dict(ckpt["tokenizer"])
-    except (OSError, KeyError, RuntimeError) as e:
+    except (OSError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise RunError(f"{path}: not an nnfast checkpoint ({e!r})") from None
     if path.is_dir():
         FS.load_sharded(path, model)
