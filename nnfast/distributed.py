@@ -191,8 +191,8 @@ def consolidate(path: Path, dest: Path | None = None) -> Path:
     meta = load_meta(path)
     model = models.create(meta["model"], meta["preset"], **meta["model_overrides"])
     known = {f.name for f in dataclasses.fields(TrainConfig)}  # saved by another version
-    cfg = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in known},
-                      parallel="ddp")
+    saved = {k: v for k, v in meta["train_config"].items() if k in known}
+    cfg = TrainConfig(**{**saved, "parallel": "ddp"})
     optimizer = make_optimizer(model, cfg, torch.device("cpu"))
     load_sharded(path, model, optimizer)
     state = dict(meta, model_state=model.state_dict(), optimizer=optimizer.state_dict())

@@ -106,7 +106,7 @@ def test_ddp_two_ranks_equal_one_rank_and_accumulation(corpus, tmp_path, single)
     np.testing.assert_allclose(accum, single, rtol=1e-5)
 
 
-def test_fsdp_matches_and_resumes_on_another_world_size(corpus, tmp_path, single):
+def test_fsdp_matches_and_resumes_on_another_world_size(corpus, tmp_path, single, capsys):
     out = tmp_path / "fsdp"
     hs = tmp_path / "hs.jsonl"  # scored on the sharded model by both ranks
     hs.write_text("".join(json.dumps({"ctx": "the fox", "endings": [" owls", "qq", "zz", "xx"],
@@ -135,6 +135,15 @@ def test_fsdp_matches_and_resumes_on_another_world_size(corpus, tmp_path, single
     assert a["step"] == b["step"] == STEPS and a["model_state"].keys() == b["model_state"].keys()
     for k, v in a["model_state"].items():
         torch.testing.assert_close(v, b["model_state"][k], rtol=1e-4, atol=1e-5)
+    # eval and generate read the sharded checkpoint directly, in one process.
+    scores = []
+    for ckpt in (out / "later.dcp", plain):
+        assert cli.main(["eval", str(ckpt), "--data", str(hs)]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["acc"])
+    assert scores[0] == scores[1]
+    assert cli.main(["generate", str(out / "later.dcp"), "--prompt", "the", "--seed", "1",
+                     "--max_new_tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the")
     assert cli.main(["consolidate", str(out / "ckpt_0000004.pt")]) == 1  # plain already
     assert cli.main(["consolidate", str(out / "later.dcp")]) == 0
     assert (out / "later.pt").is_file()
