@@ -45,8 +45,9 @@ def one_line_error(capsys, text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- NaN state
-@pytest.mark.parametrize("where", ["weight", "optimizer"])
-def test_nonfinite_state_is_never_saved(where, corpus, tmp_path, torch_backend, monkeypatch,
+@pytest.mark.parametrize("where,value", [("weight", "nan"), ("optimizer", "nan"),
+                                         ("weight", "-inf")])
+def test_nonfinite_state_is_never_saved(where, value, corpus, tmp_path, torch_backend, monkeypatch,
                                         capsys):
     """Step 2's loss is finite but its update leaves a NaN (injected here, as a huge lr
     does): ckpt 2 must not be written, latest stays at the finite ckpt 1, and rotation
@@ -60,7 +61,7 @@ def test_nonfinite_state_is_never_saved(where, corpus, tmp_path, torch_backend, 
                 self.raw_model.parameters())
             target = p if where == "weight" else self.optimizer.state[p]["exp_avg_sq"]
             with torch.no_grad():
-                target.view(-1)[0] = float("nan")
+                target.view(-1)[0] = float(value)
         return loss
 
     monkeypatch.setattr(T.Trainer, "train_step", poisoned)
