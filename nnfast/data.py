@@ -10,7 +10,10 @@ Sources (``load_corpus``):
   ``$NNFAST_DATA_DIR``, the current folder, the cache), else ``pystdlib``; never a download.
   The corpus description says which, and where it looked.
 * a path: a text file, a folder of text files, or ``.bin`` token shards (nanoGPT's raw uint16
-  or llm.c's format with a 256-int32 header), memory-mapped.
+  or llm.c's format with a 256-int32 header), memory-mapped; or a folder made by
+  ``python -m nnfast prepare`` (its ``manifest.json`` gives the split and the tokenizer,
+  headers are required, an unfinished folder is refused). Shards are never in memory whole:
+  batches copy their windows, the trainer's id check scans 16M tokens at a time.
 
 Tokenizers: ``char`` (built from the corpus, saved with the run as JSON), ``byte`` (256) and
 ``gpt2`` (tiktoken BPE; respects ``TIKTOKEN_CACHE_DIR``).
