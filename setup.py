@@ -18,6 +18,7 @@ setup(
         "nnfast.reference",
         "nnfast.modules",
         "nnfast.models",
+        "nnfast.models.hf",
         "nnfast.kernels",
     ],
     package_dir={"nnfast": "nnfast", "nnfast.kernels": "kernels"},
@@ -29,7 +30,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "matplotlib", "ruff", "safetensors"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "ruff", "safetensors",
+                "transformers"],
+        "hf": ["transformers", "safetensors"],
         "plot": ["matplotlib"],
     },
 )

@@ -246,4 +246,6 @@ def act_mul(x: torch.Tensor, up: torch.Tensor | None, activation: str) -> torch.
     ``nnfast.functional``."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if x.dim() == 0:  # the launchers work on (M, N) rows: a 0-d tensor is one row of one
+        return act_mul(x.reshape(1), None if up is None else up.reshape(1), activation)[0]
     return _fwd_op(x, up, activation)

@@ -441,6 +441,10 @@ def layer_norm(
     residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as ``nnfast.reference.norm.layer_norm``: ``(y, s)``."""
+    if x.numel() == 0:  # nothing to normalize (n = 0 has no (M, n) view): the reference
+        from nnfast.reference.norm import layer_norm as reference
+
+        return reference(x, n, weight, bias, eps, rms, residual)
     w = weight.reshape(n).contiguous() if weight is not None else None
     b = bias.reshape(n).contiguous() if bias is not None else None
     r = _rows(residual, n) if residual is not None else None

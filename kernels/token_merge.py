@@ -214,11 +214,13 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``(B, T, C) -> (B*T, C)``, a view when the leading dims merge, else a copy."""
+    """``(B, T, C) -> (B*T, C)``, a view when the leading dims merge, else a copy. The row
+    count is spelled out: ``-1`` is ambiguous for C = 0."""
+    M = t.shape[0] * t.shape[1]
     try:
-        return t.view(-1, t.shape[-1])
+        return t.view(M, t.shape[-1])
     except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
+        return t.reshape(M, t.shape[-1])
 
 
 def _dot_prec(dtype: torch.dtype) -> str:

@@ -23,6 +23,8 @@ USAGE = """usage:
   python -m nnfast models          list the models and their presets
   python -m nnfast train --help [--model NAME]
                                    list every trainer field and that model's fields
+  python -m nnfast export RUN_DIR DIR [--overwrite]
+                                   a run's latest checkpoint as a Hugging Face folder
   python -m nnfast prepare SOURCE --out DIR     text/.jsonl(.gz) -> llm.c token shards
   python -m nnfast eval RUN_DIR --task hellaswag --data FILE.jsonl
   python -m nnfast generate RUN_DIR --prompt TEXT
@@ -140,6 +142,22 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def export_main(argv: list[str]) -> int:
+    """``python -m nnfast export RUN_DIR DIR [--overwrite]``: 0, or 2 with one error line."""
+    overwrite = "--overwrite" in argv
+    paths = [a for a in argv if a != "--overwrite"]
+    if len(paths) != 2 or any(p.startswith("--") for p in paths):
+        print("usage: python -m nnfast export RUN_DIR DIR [--overwrite]", file=sys.stderr)
+        return 2
+    try:
+        out = models.hf.export_run(paths[0], paths[1], overwrite=overwrite)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
 def _flag_value(argv: list[str], name: str) -> str | None:
     """The value of ``--name V`` or ``--name=V`` in ``argv`` (a help request), else None."""
     for i, arg in enumerate(argv):
@@ -182,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, presets in models.list_models().items():
             print(f"{name}: {', '.join(presets)}")
         return 0
+    if cmd == "export":
+        return export_main(rest)
     if cmd in TOOLS:  # prepare, eval, generate, consolidate: each module parses its own flags
         import importlib
 
         return importlib.import_module(TOOLS[cmd]).main(rest)
     if cmd != "train":
-        valid = ", ".join(["train", "models", *TOOLS])
+        valid = ", ".join(["train", "models", "export", *TOOLS])
         print(f"error: unknown command {cmd!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):

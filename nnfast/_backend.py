@@ -9,9 +9,12 @@ The contract (tests and users rely on it):
 * ``NNFAST_BACKEND=torch`` forces the reference everywhere; ``NNFAST_BACKEND=triton``
   forces the kernels and raises where that is impossible. Default ``auto``.
 
-The environment is read on every call so that tests can flip ``NNFAST_BACKEND``;
-``TRITON_INTERPRET`` only matters before ``triton.jit`` decorates the kernels,
-which is why it must be set before the first nnfast op runs.
+Per call, ``use_triton`` costs one environment lookup (``NNFAST_BACKEND``, so that tests
+and users can flip it at any time) and a comparison: the parsed choice and the per-device
+answers are cached until that value changes. ``TRITON_INTERPRET`` is read when a CPU
+decision is made (first call, or after ``NNFAST_BACKEND`` changed): it only matters
+before ``triton.jit`` decorates the kernels (which happens when the first kernel runs),
+so it must be set before the first nnfast op runs.
 """
 
 from __future__ import annotations
@@ -39,11 +42,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend() -> str:
-    value = os.environ.get("NNFAST_BACKEND", "auto").strip().lower() or "auto"
+def _parse(raw: str | None) -> str:
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"NNFAST_BACKEND must be one of {BACKENDS}, got {value!r}")
     return value
+
+
+def backend() -> str:
+    return _parse(os.environ.get("NNFAST_BACKEND"))
 
 
 def triton_available_for(device: torch.device) -> tuple[bool, str]:
@@ -62,14 +69,50 @@ def triton_available_for(device: torch.device) -> tuple[bool, str]:
     return False, f"no Triton backend for device type {device.type!r}"
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Decide the path for an op whose inputs live on ``tensor.device``."""
-    choice = backend()
+def _decide(choice: str, device: torch.device) -> bool:
     if choice == "torch":
         return False
-    ok, why = triton_available_for(tensor.device)
+    ok, why = triton_available_for(device)
     if choice == "triton" and not ok:
         raise RuntimeError(f"NNFAST_BACKEND=triton but the Triton kernels cannot run here: {why}")
+    return ok
+
+
+class _Cache:
+    """The last ``NNFAST_BACKEND`` value seen, its parsed choice, and the decision per
+    device type under it. ``raw`` starts as a sentinel no environment value equals."""
+
+    raw: object = object()
+    choice: str = "auto"
+    by_type: dict = {}
+
+
+# os.environ.get encodes the key and decodes the value on every call; the mapping it wraps
+# (kept current by every os.environ assignment, monkeypatch.setenv included) answers in a
+# fraction of that, and the raw value is decoded only when it changed. ``os.environ.get``
+# where that CPython detail is missing, and under torch.compile.
+_ENV = getattr(os.environ, "_data", None)
+_KEY = os.environ.encodekey("NNFAST_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _raw_backend():
+    if _ENV is None or _KEY is None or torch.compiler.is_compiling():
+        return os.environ.get("NNFAST_BACKEND")
+    return _ENV.get(_KEY)
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Decide the path for an op whose inputs live on ``tensor.device``."""
+    raw = _raw_backend()
+    if raw != _Cache.raw:
+        value = os.environ.decodevalue(raw) if isinstance(raw, bytes) else raw
+        _Cache.choice = _parse(value)  # a bad value raises on every call until it is fixed
+        _Cache.by_type = {}
+        _Cache.raw = raw
+    kind = "cuda" if tensor.is_cuda else "cpu" if tensor.is_cpu else tensor.device.type
+    ok = _Cache.by_type.get(kind)
+    if ok is None:  # an impossible forced choice raises here, uncached, on every call
+        ok = _Cache.by_type[kind] = _decide(_Cache.choice, tensor.device)
     return ok
 
 

@@ -3,6 +3,9 @@ the argument and what was expected, never a Triton crash or a silent wrong answe
 
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,3 +69,55 @@ def normalized_size(
     if n > max_size:
         raise ValueError(f"normalized size {n} is over the kernel's limit of {max_size}")
     return n, normalized_shape
+
+
+def check_class_targets(name: str, target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """Every entry of ``target`` is a class in ``[0, n_classes)`` or ``ignore_index``.
+
+    One ``aminmax`` (and one host sync) on the common path, where all targets are in range;
+    the entries are only looked at one by one when that fails."""
+    if target.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo >= 0 and hi < n_classes:
+        return
+    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"{name} holds {value}, outside the {n_classes} classes [0, {n_classes}) "
+            f"and not ignore_index ({ignore_index})"
+        )
+
+
+def check_positions(name: str, positions: torch.Tensor, n_rows: int) -> None:
+    """Position ids index a table of ``n_rows`` rows: each must be in ``[0, n_rows)``."""
+    if positions.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(positions))
+    if lo < 0 or hi >= n_rows:
+        raise ValueError(
+            f"{name} must be in [0, {n_rows}) (the cos/sin table's rows), "
+            f"got values from {lo} to {hi}"
+        )
+
+
+def check_index(name: str, value) -> int:
+    """An integer argument (int, numpy or 0-d integer tensor; not bool, not a float)."""
+    if type(value) is int:
+        return value
+    if not isinstance(value, (bool, float)) and hasattr(value, "__index__"):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+def check_number(name: str, value, *, allow_none: bool = False) -> float:
+    """A real number (int, float, numpy scalar; not bool, not a string)."""
+    if type(value) is float or (value is None and allow_none):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")

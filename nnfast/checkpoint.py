@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -137,8 +138,12 @@ def load_checkpoint(path: Path) -> dict:
             raise FileNotFoundError(f"{path}: not a complete sharded checkpoint "
                                     f"(no {SHARDED_META})")
         path = path / SHARDED_META
-    # Our own file, holding numpy RNG state: not loadable with weights_only=True.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Our own file from before RNG states were tensors (numpy objects in it): load it as
+        # that version did, so older runs still resume.
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def find_checkpoint(out: Path, log: Callable = _quiet) -> tuple[Path, dict] | None:

@@ -24,9 +24,19 @@ def _impl(op: str, x: torch.Tensor):
 
     Plain ``import`` statements, not ``importlib.import_module``: dynamo traces the former
     (so ``torch.compile(fullgraph=True)`` sees no break) and refuses the latter. The kernels
-    are imported only once one is chosen, so ``import nnfast`` never needs triton.
+    are imported only once one is chosen, so ``import nnfast`` never needs triton. Each
+    package is imported once and then held in ``_PACKAGES`` (six import statements cost
+    more per call than some of the ops at small shapes).
     """
-    if use_triton(x):
+    kernel = use_triton(x)
+    return getattr(_PACKAGES[kernel] or _load(kernel), op)
+
+
+_PACKAGES = [None, None]  # [reference package, kernels package] once imported
+
+
+def _load(kernel: bool):
+    if kernel:
         import nnfast.kernels.activation
         import nnfast.kernels.attention
         import nnfast.kernels.cross_entropy
@@ -34,7 +44,8 @@ def _impl(op: str, x: torch.Tensor):
         import nnfast.kernels.rope
         import nnfast.kernels.token_merge  # noqa: F401
 
-        return getattr(nnfast.kernels, op)
+        _PACKAGES[1] = nnfast.kernels
+        return nnfast.kernels
     import nnfast.reference.activation
     import nnfast.reference.attention
     import nnfast.reference.cross_entropy
@@ -42,11 +53,52 @@ def _impl(op: str, x: torch.Tensor):
     import nnfast.reference.rope
     import nnfast.reference.token_merge  # noqa: F401
 
-    return getattr(nnfast.reference, op)
+    _PACKAGES[0] = nnfast.reference
+    return nnfast.reference
 
 
 # ----------------------------------------------------------------------------- norms
+_FLOATS = frozenset(C.FLOAT_DTYPES)
+
+
+def _usual_norm_call(x, normalized_shape, weight, bias, residual) -> int | None:
+    """``n`` when the call is the usual one — one trailing dim, 1-D parameters, everything
+    on x's device in x's dtype (fp32 parameters too) — accepted in a few attribute reads;
+    else None, and ``_norm`` runs the full checks (which raise the messages). It accepts
+    only what those checks accept."""
+    n = normalized_shape
+    if type(n) is tuple and len(n) == 1:
+        n = n[0]
+    if type(n) is not int or not isinstance(x, torch.Tensor) or not 0 < n <= MAX_NORM_SIZE:
+        return None
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOATS or x.dim() == 0 or x.shape[-1] != n:
+        return None
+    for p in (weight, bias):
+        if p is not None and not (
+            isinstance(p, torch.Tensor) and (p.dtype is dtype or p.dtype is torch.float32)
+            and p.dim() == 1 and p.shape[0] == n and p.device == device
+        ):
+            return None
+    if residual is not None and not (
+        isinstance(residual, torch.Tensor) and residual.dtype is dtype
+        and residual.shape == x.shape and residual.device == device
+    ):
+        return None
+    return n
+
+
 def _norm(x, normalized_shape, weight, bias, eps, rms, residual):
+    n = _usual_norm_call(x, normalized_shape, weight, bias, residual)
+    if n is None:
+        n = _check_norm(x, normalized_shape, weight, bias, residual)
+    if eps is None:
+        # As torch.nn.functional.rms_norm: the eps of the compute type (fp32 for fp16/bf16).
+        eps = torch.finfo(torch.float32).eps
+    return _impl("norm", x).layer_norm(x, n, weight, bias, float(eps), rms, residual)
+
+
+def _check_norm(x, normalized_shape, weight, bias, residual) -> int:
     C.check_float("input", x)
     C.check_same_device("input", x, weight=weight, bias=bias, residual=residual)
     n, shape = C.normalized_size(x, normalized_shape, MAX_NORM_SIZE)
@@ -58,10 +110,7 @@ def _norm(x, normalized_shape, weight, bias, eps, rms, residual):
         C.check_float("residual", residual)
         C.check_same_dtype("input", x, residual=residual)
         C.check_shape("residual", residual, tuple(x.shape))
-    if eps is None:
-        # As torch.nn.functional.rms_norm: the eps of the compute type (fp32 for fp16/bf16).
-        eps = torch.finfo(torch.float32).eps
-    return _impl("norm", x).layer_norm(x, n, weight, bias, float(eps), rms, residual)
+    return n
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -120,7 +169,10 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > D or rotary_dim == 0:
         raise ValueError(f"rotary_dim {rotary_dim} (2 * cos.shape[1]) must be in [2, head dim {D}]")
+    offset = C.check_index("offset", offset)
     if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor):
+            raise TypeError(f"position_ids must be a tensor, got {type(position_ids).__name__}")
         if position_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"position_ids must be int32 or int64, got {position_ids.dtype}")
         if tuple(position_ids.shape) not in ((T,), (B, T)):
@@ -128,12 +180,14 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
                 f"position_ids must have shape ({T},) or ({B}, {T}); "
                 f"got {tuple(position_ids.shape)}"
             )
+        # Out of the table, the reference would read the wrong row and the kernel NaN.
+        C.check_positions("position_ids", position_ids, cos.shape[0])
     elif offset < 0 or offset + T > cos.shape[0]:
         raise ValueError(
             f"positions offset={offset} .. {offset + T - 1} exceed the table's {cos.shape[0]} rows"
         )
     return _impl("rope", q).apply_rotary(
-        q, k, cos, sin, position_ids, int(offset), bool(interleaved)
+        q, k, cos, sin, position_ids, offset, bool(interleaved)
     )
 
 
@@ -150,8 +204,15 @@ def _act(x, up, activation):
     return _impl("activation", x).act_mul(x, up, activation)
 
 
+def _need_up(up) -> None:
+    if up is None:  # not silently silu(gate): that would be a different layer
+        raise TypeError("up must be a tensor of gate's shape, got None (for the plain "
+                        "activation call nnfast.functional.gelu or torch's silu)")
+
+
 def silu_mul(gate, up):
     """SwiGLU's ``silu(gate) * up``, fused forward and backward."""
+    _need_up(up)
     return _act(gate, up, "silu")
 
 
@@ -159,6 +220,7 @@ def gelu_mul(gate, up, approximate="tanh"):
     """Gated GELU (T5 v1.1): ``gelu(gate) * up``."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    _need_up(up)
     return _act(gate, up, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 
@@ -171,6 +233,10 @@ def gelu(input, approximate="none"):
 
 # ----------------------------------------------------------------------------- attention
 def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    dropout_p = C.check_number("dropout_p", dropout_p)
+    scale = C.check_number("scale", scale, allow_none=True)
     for name, t in (("query", query), ("key", key), ("value", value)):
         C.check_float(name, t)
         if t.dim() != 4:
@@ -218,6 +284,7 @@ def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    return dropout_p, scale
 
 
 def scaled_dot_product_attention(
@@ -228,13 +295,13 @@ def scaled_dot_product_attention(
     ``is_causal`` is top-left aligned as in PyTorch. Boolean masks: True takes part.
     A row with no key to attend to gives zeros (PyTorch gives NaN there).
     """
-    _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    dropout_p, scale = _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as in PyTorch)")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     return _impl("attention", query).attention(
-        query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale)
+        query, key, value, attn_mask, dropout_p, bool(is_causal), scale
     )
 
 
@@ -261,9 +328,18 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    return _impl("cross_entropy", input).linear_cross_entropy(
-        input, weight, target, bias, int(ignore_index), reduction, float(label_smoothing)
-    )
+    ignore_index = C.check_index("ignore_index", ignore_index)
+    kernel = use_triton(input)
+    impl = (_PACKAGES[kernel] or _load(kernel)).cross_entropy
+    args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
+    if kernel:  # the kernel reads target as an index without a bounds check: check first
+        C.check_class_targets("target", target, weight.shape[0], ignore_index)
+        return impl.linear_cross_entropy(*args)
+    try:  # the reference checks the bounds itself (an IndexError): no extra pass
+        return impl.linear_cross_entropy(*args)
+    except IndexError:
+        C.check_class_targets("target", target, weight.shape[0], ignore_index)
+        raise
 
 
 

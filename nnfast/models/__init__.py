@@ -29,7 +29,7 @@ from nnfast.models.conv_transformer import (
 from nnfast.models.decoder import Decoder, DecoderConfig, sample
 from nnfast.models.encoder import EncDecConfig, EncoderDecoder
 from nnfast.models.flops import peak_flops
-from nnfast.models.hf import load_gpt2_hf
+from nnfast.models.hf import from_hf, load_gpt2_hf, load_model, save_model, to_hf
 from nnfast.models.presets import GPT2_PRESETS, LLAMA2_PRESETS
 from nnfast.models.progressive import PROGRESSIVE_PRESETS, ProgressiveConfig, ProgressiveGPT
 from nnfast.models.registry import (
@@ -75,8 +75,10 @@ __all__ = [
     "TransformerConfig",
     "create",
     "field_types",
+    "from_hf",
     "list_models",
     "load_gpt2_hf",
+    "load_model",
     "MLPConfig",
     "MLPLM",
     "make_config",
@@ -88,6 +90,8 @@ __all__ = [
     "ResMLP",
     "ResMLPConfig",
     "sample",
+    "save_model",
+    "to_hf",
     "WaveNet",
     "WaveNetConfig",
 ]

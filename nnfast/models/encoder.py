@@ -61,6 +61,9 @@ class EncDecConfig:
     rel_max_distance: int = 128  # ... and the distance where the log buckets end
     label_smoothing: float = 0.0
     init_std: float = 0.02
+    # Decoder states * d^-0.5 before the head; None: when the head is tied (T5). Hugging
+    # Face's T5 ties the head always and says by this flag whether to scale.
+    scale_decoder_output: bool | None = None
 
     def __post_init__(self) -> None:
         check_stack_config(self, ("vocab_size", "block_size", "n_layer"))
@@ -371,7 +374,8 @@ class EncoderDecoder(MFUMixin, nn.Module):
         cross_mask = key_padding(src_mask)
         h = self.decoder(self.embed(tgt_in, offset), self_bias, memory, cross_mask, caches,
                          memory_kvs)
-        if c.tie_embeddings and c.pos == "relative":
+        scale = c.scale_decoder_output
+        if scale or (scale is None and c.tie_embeddings and c.pos == "relative"):
             h = h * c.n_embd ** -0.5  # T5 rescales before a tied head (mesh-tensorflow)
         return h
 

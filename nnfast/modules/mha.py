@@ -259,7 +259,8 @@ class Attention(nn.Module):
         s = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if mask is not None:  # s: (B, H, L, S)
             s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
-        m = s.detach().amax(dim=-1, keepdim=True)
+        # No key at all (empty memory): a max of 0, so the output and weights are zeros.
+        m = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros(1)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(s - m)
         denom = e.sum(dim=-1, keepdim=True)
@@ -323,11 +324,13 @@ class Attention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- patch
-def _convert(m: nn.Module) -> nn.Module | None:
+def _convert(m: nn.Module, norms: bool = True, attention: bool = True) -> nn.Module | None:
     """nnfast's counterpart of ``m`` with its weights, device, dtype and mode, or None.
     Exact types only: a subclass may override ``forward`` (e.g. an fp32-upcasting norm)."""
     p = next(m.parameters(), None)
     kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    if not (attention if type(m) is nn.MultiheadAttention else norms):
+        return None
     if type(m) is nn.MultiheadAttention:
         new = Attention(
             m.embed_dim, m.num_heads, m.dropout, bias=m.in_proj_bias is not None,
@@ -349,18 +352,31 @@ def _convert(m: nn.Module) -> nn.Module | None:
     return new.train(m.training)
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, mlps: bool = True,
+          rope: bool = True, report: bool = False):
     """Replace every ``nn.MultiheadAttention``, ``nn.LayerNorm`` and ``nn.RMSNorm`` in
     ``model`` by ``nnfast.Attention``/``LayerNorm``/``RMSNorm``, in place, keeping weights,
     device, dtype and train/eval mode; modules shared between parents stay shared.
-    Returns ``model`` (or its replacement when ``model`` itself is one of those types).
+    Returns ``model`` (or its replacement when ``model`` itself is one of those types);
+    ``(model, report)`` with ``report=True``. ``norms``/``attention``/``mlps``/``rope``
+    turn each kind of swap off.
+
+    A ``transformers`` model is patched by ``nnfast.models.hf.patch.patch_hf`` instead:
+    norms (LayerNorm, LlamaRMSNorm and kin, T5LayerNorm), gated MLPs, RoPE and attention
+    (an ``"nnfast"`` attention implementation), sharing the same Parameters.
 
     PyTorch's ``TransformerEncoder``/``TransformerEncoderLayer`` have inference fast paths
     that call fused ATen kernels with the submodules' weights directly, which would bypass
     nnfast; they are switched off on the patched layers (their regular path gives the same
     result).
     """
+    from nnfast.models.hf.patch import is_hf_model, patch_hf
+
+    if is_hf_model(model):
+        swapped = patch_hf(model, norms=norms, mlps=mlps, rope=rope, attention=attention)
+        return (model, swapped) if report else model
     done: dict[int, nn.Module] = {}
+    counts: dict[str, int] = {}
 
     def visit(parent: nn.Module) -> None:
         # _modules, not named_children(): that skips a second name for the same module.
@@ -368,16 +384,18 @@ def patch(model: nn.Module) -> nn.Module:
             if child is None:
                 continue
             if id(child) not in done:
-                new = _convert(child)
+                new = _convert(child, norms, attention)
                 done[id(child)] = child if new is None else new
+                if new is not None:
+                    counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
                 if new is None:
                     visit(child)
             if done[id(child)] is not child:
                 setattr(parent, name, done[id(child)])
 
-    root = _convert(model)
+    root = _convert(model, norms, attention)
     if root is not None:
-        return root
+        return (root, {type(model).__name__: 1}) if report else root
     visit(model)
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, Attention):
@@ -386,4 +404,4 @@ def patch(model: nn.Module) -> nn.Module:
             m.activation_relu_or_gelu = 0
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False  # nested-tensor inputs bypass the layers' modules
-    return model
+    return (model, counts) if report else model

@@ -19,6 +19,8 @@ Two implementations of the same math:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,16 +57,31 @@ def attention(
     ``dropout_p > 0`` and none is given. Kept probabilities are scaled by ``1 / (1 - p)``.
     """
     fused = (
-        q.device.type == "cpu"
+        q.is_cpu
         and dropout_p == 0.0
         and dropout_mask is None
         and not (is_causal and attn_mask is not None)
+        and not (is_causal and scale <= 0.0)  # PyTorch's CPU kernel: NaN rows (a bug)
         and q.numel() > 0
         and k.numel() > 0
+        and _finite(q, k if attn_mask is not None else None)
     )
     if fused:
         return _fused(q, k, v, attn_mask, is_causal, scale)
     return _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask)
+
+
+def _finite(q: torch.Tensor, k: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernel gives PyTorch's math here. It does not for a NaN/inf in
+    q (zeros for that row, not NaN) nor, under a mask, for one in k (a masked-out NaN key
+    poisons every row). One sum each, synced (cheap on a CPU). Under ``torch.compile`` the
+    check (a graph break) is skipped: compiled code follows PyTorch's CPU kernel there."""
+    if torch.compiler.is_compiling():
+        return True
+    total = q.detach().sum()
+    if k is not None:
+        total = total + k.detach().sum()
+    return math.isfinite(total)
 
 
 def _fused(q, k, v, attn_mask, is_causal, scale):
@@ -95,7 +112,7 @@ def _fused(q, k, v, attn_mask, is_causal, scale):
     )  # (B, Hq, Lq, D)
     if valid is not None:
         out = out * valid.to(out.dtype)
-    return out.to(q.dtype)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask):
@@ -115,8 +132,11 @@ def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask):
     # Softmax that sends a row of -inf to zeros: subtract a finite row max (0 for such rows),
     # and divide by a denominator of 1 where the row sum is 0. exp(-inf) = 0 and its
     # derivative is 0, so the masked entries contribute no NaN to the gradients.
-    m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if Lk == 0:  # no key at all: zeros, as PyTorch (amax has nothing to reduce)
+        m = s.new_zeros(s.shape[:-1] + (1,))
+    else:
+        m = s.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom > 0, denom, torch.ones_like(denom))

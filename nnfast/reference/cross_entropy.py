@@ -15,8 +15,12 @@ poison a training run. Its gradient is then 0 too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
 def linear_cross_entropy(
@@ -28,19 +32,29 @@ def linear_cross_entropy(
     reduction: str,
     label_smoothing: float,
 ) -> torch.Tensor:
-    x = input.reshape(-1, input.shape[-1])  # (N, C)
-    t = target.reshape(-1).long()  # (N,)
-    w = weight.to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
-    logits = F.linear(x, w, b).float()  # (N, V) fp32
-    if reduction == "mean":
-        # torch's mean divides by the number of non-ignored targets; clamp so 0/0 -> 0.
+    x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])  # (N, C)
+    t = target if target.dim() == 1 else target.reshape(-1)  # (N,)
+    t = t if t.dtype == torch.int64 else t.long()
+    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+    logits = F.linear(x, w, b)  # (N, V)
+    logits = logits if logits.dtype == torch.float32 else logits.float()  # fp32 loss
+    if reduction == "mean" and x.is_cpu and not torch.compiler.is_compiling():
+        # torch's mean divides by the number of non-ignored targets: 0/0 = NaN when there
+        # are none, where nnfast returns 0 (the sum, gradient 0 too). Looking at the result
+        # (a host read, free on a CPU) costs less than checking the targets first; the
+        # targets are looked at only for a NaN. (Compiled, a host read breaks the graph.)
+        loss = torch._C._nn.cross_entropy_loss(logits, t, None, 1, ignore_index, label_smoothing)
+        if not math.isnan(loss.detach()) or bool((t != ignore_index).any()):
+            return loss
+        reduction = "sum"
+    elif reduction == "mean":  # on a GPU (no sync) or compiled: divide by the clamped count
         total = F.cross_entropy(
             logits, t, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
         )
-        n_valid = (t != ignore_index).sum().clamp(min=1)
-        return total / n_valid
-    loss = F.cross_entropy(
-        logits, t, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        return total / (t != ignore_index).sum().clamp(min=1)
+    # F.cross_entropy's op without its Python wrapper (reduction enum: none 0, mean 1, sum 2).
+    loss = torch._C._nn.cross_entropy_loss(
+        logits, t, None, _REDUCTIONS[reduction], ignore_index, label_smoothing
     )
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -37,9 +37,10 @@ def rotary_cos_sin(
 
 
 def _gather(table: torch.Tensor, position_ids: torch.Tensor | None, offset: int, T: int):
-    """The table's rows for each token, shaped to broadcast against ``(B, H, T, R/2)``."""
+    """The table's rows for each token, shaped to broadcast against ``(B, H, T, R/2)``
+    (a ``(T, R/2)`` table broadcasts as it is; each indexing op costs microseconds)."""
     if position_ids is None:
-        return table[offset : offset + T][None, None]  # (1, 1, T, R/2)
+        return table if offset == 0 and T == table.shape[0] else table.narrow(0, offset, T)
     rows = table[position_ids.long()]  # (T, R/2) or (B, T, R/2)
     return rows[None, None] if position_ids.dim() == 1 else rows[:, None]
 
@@ -56,15 +57,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
         x1, x2 = rot.unflatten(-1, (half, 2)).unbind(-1)  # (..., half) each
     else:
         x1, x2 = rot.split(half, dim=-1)
-    y1 = x1 * cos - x2 * sin
-    y2 = x2 * cos + x1 * sin
+    # addcmul: two ops per half instead of three (fewer autograd nodes, less traffic).
+    y1 = torch.addcmul(x1 * cos, x2, sin, value=-1.0)
+    y2 = torch.addcmul(x2 * cos, x1, sin)
     if interleaved:
         y = torch.stack((y1, y2), dim=-1).flatten(-2)  # (..., half, 2) -> (..., 2 * half)
     else:
         y = torch.cat((y1, y2), dim=-1)
     if rest is not None:
         y = torch.cat((y, rest), dim=-1)
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def apply_rotary(

@@ -50,6 +50,11 @@ def token_merge(
     # Tm*k positions: in the causal case the last tokens may fall off the end.
     xc = F.pad(xc, (shift, max(0, Tm * k - T - shift)))[..., : Tm * k]  # (B, C_in, Tm*k)
     b = bias.to(x.dtype) if bias is not None else None
+    if xc.numel() == 0:  # T = 0 or C_in = 0: conv1d raises or returns the wrong shape
+        B, C_in = xc.shape[:2]
+        windows = xc.reshape(B, C_in, Tm, k).permute(0, 2, 1, 3).reshape(B, Tm, C_in * k)
+        y = windows @ weight.to(x.dtype).reshape(weight.shape[0], C_in * k).T  # (B, Tm, C_out)
+        return y + b if b is not None else y
     y = F.conv1d(xc, weight.to(x.dtype), b, stride=k)  # (B, C_out, Tm)
     return y.transpose(1, 2)  # (B, Tm, C_out)
 
@@ -59,6 +64,13 @@ def token_expand(
 ) -> torch.Tensor:
     """``(B, T_m, C_in) -> (B, length, C_out)``; see the module docstring."""
     b = bias.to(x.dtype) if bias is not None else None
+    if x.numel() == 0:  # T_m = 0 or C_in = 0: conv_transpose1d raises or misshapes
+        B, Tm, C_in = x.shape
+        C_out = weight.shape[1]
+        y = x @ weight.to(x.dtype).reshape(C_in, C_out * k)  # (B, T_m, C_out * k)
+        y = y.reshape(B, Tm, C_out, k).transpose(2, 3).reshape(B, Tm * k, C_out)
+        y = y + b if b is not None else y
+        return y if length is None else y[:, :length]
     y = F.conv_transpose1d(x.transpose(1, 2), weight.to(x.dtype), b, stride=k)  # (B, C_out, T_m*k)
     if length is not None:
         y = y[..., :length]
