@@ -30,8 +30,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+# NNFAST_BENCH_REPS: repetitions of each timing (scripts/gpu_check.py lowers it to fit its
+# time budget); unset, the defaults below.
+_REPS = int(os.environ.get("NNFAST_BENCH_REPS", "0"))
+
+
 def cuda_event_ms(fn, reps: int = 50, warmup: int = 10) -> float:
     """Median milliseconds of ``fn`` by CUDA events, L2 flushed between calls."""
+    if _REPS:
+        reps, warmup = _REPS, min(warmup, _REPS)
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
     for _ in range(warmup):
         fn()
@@ -67,7 +74,7 @@ def run(
 
     timed()  # compile / autotune outside the timing
     if rounds is None:
-        rounds = 20 if CUDA else 3
+        rounds = _REPS or (20 if CUDA else 3)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2 if CUDA else 1, iterations=1)
     seconds = benchmark.stats.stats.median
     if CUDA:

@@ -19,7 +19,8 @@ import nnfast.functional as F
 from benchmarks.conftest import DEVICE, cpu_only, requires_cuda, run
 from nnfast.reference import attention as ref
 
-IMPLS = ("nnfast", "sdpa", "sdpa_flash", "reference", "reference_compile")
+IMPLS = ("nnfast", "sdpa", "sdpa_flash", "sdpa_cudnn", "reference", "reference_compile")
+_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 
 
 def _fn(impl: str, causal: bool):
@@ -27,14 +28,16 @@ def _fn(impl: str, causal: bool):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if impl == "sdpa":
         return lambda q, k, v: torch_F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if impl == "sdpa_flash":
+    if impl in _BACKENDS:  # one SDPA backend forced (FlashAttention-2, cuDNN)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def flash(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        backend = getattr(SDPBackend, _BACKENDS[impl])
+
+        def forced(q, k, v):
+            with sdpa_kernel(backend):
                 return torch_F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        return flash
+        return forced
 
     def reference(q, k, v):
         return ref.attention(q, k, v, None, 0.0, causal, q.shape[-1] ** -0.5)

@@ -22,11 +22,11 @@ GPT2 = (16384, 768, 50257)  # tokens, hidden, vocabulary
 CPU_SHAPE = (256, 64, 1000)
 
 
-def _inputs(shape, dtype, grad):
+def _inputs(shape, dtype, grad, w_dtype=torch.float32):
     N, C, V = shape
     x = torch.randn(N, C, device=DEVICE, dtype=dtype, requires_grad=grad)
-    # The tied embedding stays fp32 under autocast.
-    w = (0.02 * torch.randn(V, C, device=DEVICE)).requires_grad_(grad)
+    # The tied embedding stays fp32 under autocast (w_dtype=bf16: a pure-bf16 model).
+    w = (0.02 * torch.randn(V, C, device=DEVICE, dtype=w_dtype)).requires_grad_(grad)
     t = torch.randint(0, V, (N,), device=DEVICE)
     t[::50] = -100  # some padding
     return x, w, t
@@ -81,7 +81,7 @@ _EAGER: dict[tuple, tuple[float, int]] = {}
 
 def _eager_numbers(pass_, shape, dtype, x, w, t) -> tuple[float, int]:
     """Eager's milliseconds and peak bytes for this case, measured once per session."""
-    key = (pass_, shape, dtype)
+    key = (pass_, shape, dtype, w.dtype)
     if key not in _EAGER:
         fn = _step("eager", pass_, x, w, t)
         peak = _peak_bytes(fn)
@@ -89,18 +89,21 @@ def _eager_numbers(pass_, shape, dtype, x, w, t) -> tuple[float, int]:
     return _EAGER[key]
 
 
-def _bench(benchmark, impl, pass_, shape, dtype):
+def _bench(benchmark, impl, pass_, shape, dtype, w_dtype=torch.float32):
     N, C, V = shape
-    x, w, t = _inputs(shape, dtype, pass_ == "fwd+bwd")
+    x, w, t = _inputs(shape, dtype, pass_ == "fwd+bwd", w_dtype)
     fn = _step(impl, pass_, x, w, t)
     info = dict(op="linear_cross_entropy", impl=impl, pass_=pass_,
-                shape=f"N{N} C{C} V{V}", dtype=str(dtype))
+                shape=f"N{N} C{C} V{V}", dtype=f"{dtype} (weight {w_dtype})")
     if CUDA:
         fn()  # compile / autotune before measuring memory
         peak = _peak_bytes(fn)
         eager_ms, eager_peak = _eager_numbers(pass_, shape, dtype, x, w, t)
         info.update(peak_mem_mb=peak / 2**20, eager_peak_mem_mb=eager_peak / 2**20,
                     mem_ratio_vs_eager=peak / eager_peak)
+        if pass_ == "fwd+bwd":  # the kernel's promise: at most 1x the weight's bytes
+            grads = x.nbytes + w.nbytes  # the returned gradients are in the peak
+            info["extra_mem_vs_weight"] = (peak - grads) / w.nbytes
     flops = (2 if pass_ == "fwd" else 6) * N * C * V
     seconds = run(benchmark, fn, flops=flops, **info)
     if CUDA:
@@ -112,6 +115,13 @@ def _bench(benchmark, impl, pass_, shape, dtype):
 @pytest.mark.parametrize("impl", ["nnfast", "eager", "compiled", "liger"])
 def test_linear_cross_entropy_cuda(benchmark, impl, pass_):
     _bench(benchmark, impl, pass_, GPT2, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["nnfast", "eager", "liger"])
+def test_linear_cross_entropy_bf16_weight_cuda(benchmark, impl):
+    """A pure-bf16 model: the weight's gradient accumulates in bf16 (extra_mem_vs_weight)."""
+    _bench(benchmark, impl, "fwd+bwd", GPT2, torch.bfloat16, torch.bfloat16)
 
 
 @cpu_only

@@ -116,6 +116,9 @@ def _gemm(
     T,
     s_b,
     s_c,
+    m_bucket,  # autotune keys only: next powers of two of M, N, K
+    n_bucket,
+    k_bucket,
     A_MODE: tl.constexpr,
     B_MODE: tl.constexpr,
     C_MODE: tl.constexpr,
@@ -181,7 +184,10 @@ def _configs() -> list[triton.Config]:
             for m, n, kb, w, s in shapes]
 
 
-_KEY = ["M", "N", "K", "A_MODE", "B_MODE", "C_MODE", "HAS_BIAS", "HAS_DBIAS", "DOT_PREC"]
+# Power-of-two size buckets, not the exact M, N, K: a new batch x length re-tunes only when
+# it crosses a power of two (M and K grow with it).
+_KEY = ["m_bucket", "n_bucket", "k_bucket", "A_MODE", "B_MODE", "C_MODE", "HAS_BIAS", "HAS_DBIAS",
+        "DOT_PREC"]
 _gemm_tuned = triton.autotune(_configs(), key=_KEY)(_gemm)
 
 
@@ -239,7 +245,7 @@ def _launch(a, a_strides, a_mode, b, b_strides, b_mode, c, c_strides, c_mode, M,
     _gemm_tuned[grid](
         a, b, c, bias if bias is not None else c, dbias if dbias is not None else c,
         M, N, K, *a_strides, *b_strides, *c_strides, split_stride, bias_n, k_split,
-        *window,
+        *window, *(triton.next_power_of_2(v) for v in (M, N, K)),
         A_MODE=a_mode, B_MODE=b_mode, C_MODE=c_mode, HAS_BIAS=bias is not None,
         HAS_DBIAS=dbias is not None, DOT_PREC=_dot_prec(a.dtype), GROUP_M=8,
     )  # fmt: skip

@@ -468,7 +468,50 @@ def _load_prepared(folder: Path, tokenizer: str, saved_tokenizer) -> Corpus:
 
 
 # ----------------------------------------------------------------------------- batches
-class Batches:
+class GlobalOrder:
+    """The world-size-independent sampling position shared by every batch source: step
+    ``s`` draws ``batch_size * world * grad_accum`` picks from a generator keyed on
+    ``(seed, stream, s)``; micro-batch ``m`` of rank ``r`` takes rows
+    ``(m * world + r) * batch_size ...``. The state is ``(step, micro)``."""
+
+    def _order(self, seed: int, batch_size: int, rank: int, world: int, grad_accum: int,
+               stream: int) -> None:
+        self.seed, self.stream, self.batch_size = seed, stream, batch_size
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+        self.step, self.micro = 0, 0
+
+    def global_picks(self, step: int, n: int) -> np.ndarray:
+        """Every pick in ``range(n)`` of optimizer step ``step``, all ranks and micro-batches."""
+        rng = np.random.default_rng([self.seed, self.stream, step])
+        return rng.integers(n, size=self.batch_size * self.world * self.grad_accum)
+
+    def next_picks(self, n: int) -> np.ndarray:
+        """This rank's picks for the current micro-batch; advances the position."""
+        first = (self.micro * self.world + self.rank) * self.batch_size
+        picks = self.global_picks(self.step, n)[first : first + self.batch_size]
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.step, self.micro = self.step + 1, 0
+        return picks
+
+    def seek(self, step: int, micro: int = 0) -> None:
+        """Continue from optimizer step ``step`` (what a resume does)."""
+        self.step, self.micro = step, micro
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "step" not in state:
+            raise DataError(
+                "this checkpoint's data-sampler state is from an older nnfast (per-rank "
+                "generators); its data order cannot be continued exactly"
+            )
+        self.seed = state.get("seed", self.seed)
+        self.seek(state["step"], state["micro"])
+
+
+class Batches(GlobalOrder):
     """Random windows of ``block_size + 1`` tokens: ``x`` and ``y`` shifted by one.
 
     The order is global, so it does not depend on the world size: optimizer step ``s``
@@ -499,30 +542,18 @@ class Batches:
                 f"the {name} is shorter than block_size + 1 = {block_size + 1} tokens: "
                 "use a longer corpus or a smaller --block_size"
             )
-        self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
+        self.shards, self.block_size = shards, block_size
         self.device = torch.device(device)
-        self.rank, self.world, self.grad_accum = rank, world, grad_accum
-        self.seed, self.stream = seed, stream
+        self._order(seed, batch_size, rank, world, grad_accum, stream)
         # Valid starts per shard: 0 .. len - block_size - 1.
         self.starts = np.cumsum([0] + [len(s) - block_size for s in shards])
-        self.step, self.micro = 0, 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def global_starts(self, step: int) -> np.ndarray:
-        """Every window start of optimizer step ``step``, across all ranks and micro-batches."""
-        rng = np.random.default_rng([self.seed, self.stream, step])
-        n = self.batch_size * self.world * self.grad_accum
-        return rng.integers(len(self), size=n)
-
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        T, B = self.block_size, self.batch_size
-        first = (self.micro * self.world + self.rank) * B
-        picks = self.global_starts(self.step)[first : first + B]
-        self.micro += 1
-        if self.micro == self.grad_accum:
-            self.step, self.micro = self.step + 1, 0
+        T = self.block_size
+        picks = self.next_picks(len(self))
         shard = np.searchsorted(self.starts, picks, side="right") - 1
         rows = [
             self.shards[s][i - self.starts[s] : i - self.starts[s] + T + 1]
@@ -535,19 +566,3 @@ class Batches:
             x, y = x.pin_memory(), y.pin_memory()
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x.contiguous(), y.contiguous()
-
-    def seek(self, step: int, micro: int = 0) -> None:
-        """Continue from optimizer step ``step`` (what a resume does)."""
-        self.step, self.micro = step, micro
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "micro": self.micro, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "step" not in state:
-            raise DataError(
-                "this checkpoint's data-sampler state is from an older nnfast (per-rank "
-                "generators); its data order cannot be continued exactly"
-            )
-        self.seed = state.get("seed", self.seed)
-        self.seek(state["step"], state["micro"])

@@ -287,60 +287,218 @@ def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     return dropout_p, scale
 
 
+def _check_extras(window_size, softcap) -> tuple[tuple[int, int], float]:
+    """window_size (None or (left, right), -1 = unbounded) and softcap (None/0 or > 0),
+    normalized to ((left, right), softcap) with (-1, -1) and 0.0 meaning off."""
+    if window_size is None:
+        window_size = (-1, -1)
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    if not ok:
+        raise ValueError(
+            "window_size must be (left, right) integers >= -1 (-1 = unbounded), "
+            f"got {window_size!r}"
+        )
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+            or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    return (int(window_size[0]), int(window_size[1])), float(softcap)
+
+
 def scaled_dot_product_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+    enable_gqa=False, *, window_size=None, softcap=None, causal_alignment="top_left",
+    return_lse=False,
 ):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (layout (B, H, L, D)).
 
     ``is_causal`` is top-left aligned as in PyTorch. Boolean masks: True takes part.
     A row with no key to attend to gives zeros (PyTorch gives NaN there).
+
+    Keyword-only extras (their defaults keep PyTorch's results):
+    ``window_size=(left, right)``: query i sees keys ``i + d - left .. i + d + right``
+    (-1 = unbounded; with ``is_causal`` right is 0), Mistral's sliding window is
+    ``(w - 1, 0)`` with ``is_causal=True``; key blocks outside the window are skipped.
+    ``softcap``: Gemma 2's ``softcap * tanh(scores / softcap)`` before the mask.
+    ``causal_alignment``: ``"top_left"`` (d = 0, PyTorch's) or ``"bottom_right"``
+    (d = Lk - Lq: the last query sees the last key, as for new tokens against a KV cache);
+    it places the causal diagonal and the window.
+    ``return_lse``: return ``(out, lse)``, lse the natural log-sum-exp of each row's scores,
+    (B, Hq, Lq) fp32, -inf on fully masked rows; no gradient flows through it.
     """
     dropout_p, scale = _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as in PyTorch)")
+    window, cap = _check_extras(window_size, softcap)
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(
+            f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     return _impl("attention", query).attention(
-        query, key, value, attn_mask, dropout_p, bool(is_causal), scale
+        query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
+        window=window, bottom_right=causal_alignment == "bottom_right", softcap=cap,
+        return_lse=bool(return_lse),
+    )
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max_len,
+                      like: torch.Tensor) -> list[int]:
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+        what = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) \
+            else type(cu).__name__
+        raise ValueError(f"{name} must be a 1-D int32 tensor (B + 1,), got {what}")
+    if cu.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like q, got {cu.device}")
+    if cu.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 entries (B + 1 with B >= 1), got {cu.numel()}")
+    # The value checks need a host sync; a model calls this once per layer with the same
+    # tensor, so a passed check is remembered on it (keyed by its version counter, which
+    # any in-place change bumps). Skipped while torch.compile traces, as Decoder's idx check.
+    stamp = (cu._version, total, max_len)
+    if getattr(cu, "_nnfast_checked", None) == stamp or torch.compiler.is_compiling():
+        return cu.numel()
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals, vals[1:])]
+    if min(lens) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} must equal the number of rows, {total}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < max(lens):
+        raise ValueError(
+            f"{max_name} must be an integer >= the longest sequence ({max(lens)}), got {max_len!r}"
+        )
+    cu._nnfast_checked = stamp
+    return len(vals)
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+    window_size=(-1, -1), softcap=0.0, scale=None, dropout_p=0.0, return_lse=False,
+):
+    """Attention over sequences of different lengths packed without padding, as
+    flash-attention's ``flash_attn_varlen_func``.
+
+    q ``(total_q, Hq, D)``, k/v ``(total_k, Hk, D)`` (Hq a multiple of Hk: GQA); sequence b
+    is rows ``cu_seqlens_q[b] : cu_seqlens_q[b + 1]`` of q and ``cu_seqlens_k[b] :
+    cu_seqlens_k[b + 1]`` of k/v (int32 ``(B + 1,)``, starting at 0, ending at total).
+    Tokens attend only within their own sequence. ``causal`` and ``window_size`` are
+    aligned to the bottom-right of each sequence pair (query i of a sequence sees keys up
+    to ``i + Lk_b - Lq_b``). ``softcap``, ``scale``, ``dropout_p`` as in
+    ``scaled_dot_product_attention``. Returns ``(total_q, Hq, D)``, or ``(out, lse)`` with
+    ``return_lse`` (lse ``(Hq, total_q)`` fp32, natural log, no gradient).
+    Validation reads ``cu_seqlens_*`` on the host (a device sync) once per tensor: a passed
+    check is remembered until the tensor changes in place.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        C.check_float(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D), got shape {tuple(t.shape)}")
+    C.check_same_dtype("q", q, k=k, v=v)
+    C.check_same_device("q", q, k=k, v=v)
+    D, Hq, Hk = q.shape[2], q.shape[1], k.shape[1]
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[2] != D:
+        raise ValueError(f"k's head dim {k.shape[2]} must equal q's {D}")
+    if D > MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"head dim {D} is outside the supported range 1..{MAX_HEAD_DIM}")
+    if Hk < 1 or Hq % Hk:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hk})")
+    cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q",
+                           max_seqlen_q, q)
+    ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k",
+                           max_seqlen_k, q)
+    if cq != ck:
+        raise ValueError(
+            f"cu_seqlens_q ({cq} entries) and cu_seqlens_k ({ck}) must describe "
+            "the same number of sequences"
+        )
+    window, cap = _check_extras(window_size, softcap)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    return _impl("attention", q).varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        float(dropout_p), bool(causal), float(scale), window=window, softcap=cap,
+        return_lse=bool(return_lse),
     )
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+def _check_ce(target, target_shape, reduction, label_smoothing) -> None:
+    """Checks shared by both cross-entropies (target dtype and shape, reduction, smoothing)."""
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"target must be an int32 or int64 tensor, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(target.shape) != tuple(target_shape):
+        raise ValueError(f"target must have shape {tuple(target_shape)}, got {tuple(target.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
 def linear_cross_entropy(
-    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+    input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    accum_dtype=None,
 ):
     """``cross_entropy(input @ weight.T + bias, target)`` without materializing the logits of
     the whole batch: the vocabulary projection and the loss run in chunks.
-    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int."""
+    ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int.
+    ``accum_dtype``: dtype the kernel accumulates the weight's gradient in across chunks
+    (default the weight's; ``torch.float32`` costs a (V, C) fp32 buffer)."""
     C.check_float("input", input)
     C.check_float("weight", weight)
     C.check_same_device("input", input, weight=weight, target=target, bias=bias)
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise ValueError(f"weight must be (V, {input.shape[-1]}), got {tuple(weight.shape)}")
     C.check_shape("bias", bias, (weight.shape[0],))
-    if target.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"target must be int32 or int64, got {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
-        )
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    _check_ce(target, input.shape[:-1], reduction, label_smoothing)
+    if accum_dtype is not None and accum_dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"accum_dtype must be None or a float dtype, got {accum_dtype}")
     ignore_index = C.check_index("ignore_index", ignore_index)
+    args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
+    return _ce_dispatch("linear_cross_entropy", input, target, weight.shape[0], ignore_index,
+                        args, accum_dtype)
+
+
+def _ce_dispatch(name, input, target, n_classes, ignore_index, args, *extra):
+    """Run kernel or reference ``name``; targets outside [0, n_classes) (not ignore_index)
+    raise a ValueError on both paths (hfunc's check_class_targets)."""
     kernel = use_triton(input)
     impl = (_PACKAGES[kernel] or _load(kernel)).cross_entropy
-    args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
     if kernel:  # the kernel reads target as an index without a bounds check: check first
-        C.check_class_targets("target", target, weight.shape[0], ignore_index)
-        return impl.linear_cross_entropy(*args)
+        C.check_class_targets("target", target, n_classes, ignore_index)
+        return getattr(impl, name)(*args, *extra)
     try:  # the reference checks the bounds itself (an IndexError): no extra pass
-        return impl.linear_cross_entropy(*args)
+        return getattr(impl, name)(*args, *extra)
     except IndexError:
-        C.check_class_targets("target", target, weight.shape[0], ignore_index)
+        C.check_class_targets("target", target, n_classes, ignore_index)
         raise
 
+
+def cross_entropy(input, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy`` of logits ``input`` ``(N, V)`` and class indices ``target``
+    ``(N,)``, computed in fp32 and returned in the logits' dtype; the gradient is written
+    once, in the logits' dtype. As ``linear_cross_entropy``: a mean over no valid target
+    is 0, not NaN."""
+    C.check_float("input", input)
+    C.check_same_device("input", input, target=target)
+    if input.dim() != 2:
+        raise ValueError(f"input must be (N, V) logits, got shape {tuple(input.shape)}")
+    _check_ce(target, input.shape[:1], reduction, label_smoothing)
+    ignore_index = C.check_index("ignore_index", ignore_index)
+    args = (input, target, ignore_index, reduction, float(label_smoothing))
+    return _ce_dispatch("cross_entropy", input, target, input.shape[1], ignore_index, args)
 
 
 # ----------------------------------------------------------------------------- token merging

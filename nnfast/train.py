@@ -45,6 +45,7 @@ import nnfast.models as models
 from nnfast import data as D
 from nnfast import distributed as FS
 from nnfast import evaluate as E
+from nnfast import packing
 from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's public API)
     RUN_FILES,
     RunFolderError,
@@ -101,6 +102,7 @@ class TrainConfig:
     top_p: float | None = None
 
     adam_eps: float = 1e-8  # AdamW's epsilon
+    pack_documents: bool = False  # rows of whole EOT-separated documents, no cross-doc attention
     overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2, sharded)
     activation_checkpointing: bool = False  # fsdp: recompute block activations in backward
@@ -476,10 +478,12 @@ class Trainer:
         )
         # One global order that each rank slices: the data does not depend on the world size.
         corpus, order = self.corpus, {"rank": self.rank, "world": self.world}
-        self.train_batches = D.Batches(corpus.train, mc.block_size, cfg.batch_size, self.device,
-                                       cfg.seed, grad_accum=cfg.grad_accum, **order)
-        self.val_batches = D.Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size,
-                                     self.device, cfg.seed, name="val split", stream=1, **order)
+        Batches = packing.batches_class(cfg.pack_documents, corpus.tokenizer, self.raw_model,
+                                        D.Batches)
+        self.train_batches = Batches(corpus.train, mc.block_size, cfg.batch_size, self.device,
+                                     cfg.seed, grad_accum=cfg.grad_accum, **order)
+        self.val_batches = Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size,
+                                   self.device, cfg.seed, name="val split", stream=1, **order)
         amp_dtype = _autocast_dtype(cfg.dtype, self.device)
         self.autocast = (
             torch.autocast(self.device.type, dtype=amp_dtype)
@@ -550,10 +554,10 @@ class Trainer:
             })
 
     # ------------------------------------------------------------------------- steps
-    def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+    def batch_kwargs(self, x: torch.Tensor, y: torch.Tensor, *packed) -> dict:
         if hasattr(self.raw_model, "prepare_batch"):
             return self.raw_model.prepare_batch(x, y)
-        return {"idx": x, "targets": y}
+        return packing.batch_kwargs({"idx": x, "targets": y}, packed)
 
     def maybe_grow(self, step: int) -> None:
         """Let a growing model grow before ``step``; new parameters need a new optimizer."""

@@ -26,6 +26,8 @@ MEASURED = {
     "cuda_event_ms",
     "device",
     "ms",
+    "extra_mem_vs_weight",
+    "speed_vs_eager",
 }
 
 

@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # GPU check for the device machine (no network; torch and triton preinstalled):
-#   bash scripts/gpu_check.sh OUT_DIR
-# installs nnfast without dependencies, runs the test suite on CUDA (every dtype incl. bf16)
-# and the benchmarks, and writes OUT_DIR/<gpu>-<date>/report.md with GPU, driver, torch and
-# triton versions, the test summary, the benchmark tables and PNG plots.
+#   bash scripts/gpu_check.sh OUT_DIR [BUDGET_S]      # e.g. OUT_DIR=$OUT, BUDGET_S=720
+#   bash scripts/gpu_check.sh OUT_DIR --dry-run       # CPU, tiny sizes (what CI runs)
+# Installs nnfast without dependencies (and Liger-Kernel from .device/wheels when
+# scripts/stage_device.sh put its wheel there), writes a header with the GPU, driver, torch
+# and triton versions, then runs the staged check (scripts/gpu_check.py: kernels vs
+# reference, benchmarks, GPT-2 training step, test suite), which appends each stage to
+# OUT_DIR/report.md as it finishes, so a run cut short still reports.
+#
+# Budget: 15 minutes of device time include the machine's start (1-2 min) and the
+# transfers, so the default 720 s leaves room; the command's timeout_s should be ~60 s more.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_ROOT=${1:?usage: gpu_check.sh OUT_DIR}
+OUT=${1:?usage: gpu_check.sh OUT_DIR [BUDGET_S | --dry-run]}
 PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ "${2:-}" = "--dry-run" ]; then
+  export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-}
+  exec "$PY" scripts/gpu_check.py "$OUT" --dry-run
+fi
+BUDGET=${2:-720}
+START=$(date +%s)
 unset TRITON_INTERPRET NNFAST_BACKEND
 $PY -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
-
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-SLUG=$(echo "$GPU" | tr 'A-Z' 'a-z' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/-+$//')
-OUT="$OUT_ROOT/$SLUG-$(date +%F)"
-mkdir -p "$OUT"
+if ls .device/wheels/liger_kernel-*.whl >/dev/null 2>&1; then
+  # No network on the device: the wheel travels in the carried .device folder.
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/liger_kernel-*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.device/tiktoken_cache}
 [ -d .device/data ] && export NNFAST_DATA_DIR=${NNFAST_DATA_DIR:-$PWD/.device/data}
 
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 {
   echo "# nnfast GPU check — $GPU — $(date +%F)"
   echo
@@ -27,23 +41,9 @@ export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.device/tiktoken_cache}
   echo "| driver | $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1) |"
   echo "| torch | $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') |"
   echo "| triton | $($PY -c 'import triton; print(triton.__version__)') |"
+  echo "| liger-kernel | $($PY -c 'import importlib.metadata as m; print(m.version("liger-kernel"))' 2>/dev/null || echo 'not installed: its cases skip') |"
   echo "| nnfast commit | $(git rev-parse --short HEAD 2>/dev/null || echo unknown) |"
   echo
-} > "$OUT/header.md"
-
-$PY -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-TEST_RC=$?
-{
-  echo "## Tests on CUDA (exit code $TEST_RC)"
-  echo
-  echo '```'
-  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
-  echo '```'
-} >> "$OUT/header.md"
-
-$PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1
-BENCH_RC=$?
-echo -e "\nBenchmarks exit code: $BENCH_RC\n" >> "$OUT/header.md"
-$PY scripts/bench_report.py "$OUT/bench.json" --out "$OUT" --header "$OUT/header.md"
-echo "report: $OUT/report.md (tests rc=$TEST_RC, benchmarks rc=$BENCH_RC)"
+} > /tmp/gpu_check_header.md
+LEFT=$(( BUDGET - ($(date +%s) - START) ))
+$PY scripts/gpu_check.py "$OUT" --budget-s "$LEFT" --header /tmp/gpu_check_header.md

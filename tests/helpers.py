@@ -91,3 +91,19 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     out = wide[..., ::2]
     assert not out.is_contiguous()
     return out
+
+
+def profiled_peak_bytes(fn) -> int:
+    """Peak CPU bytes allocated while ``fn()`` runs, above what was live before, from the
+    torch profiler's allocation events (allocations positive, frees negative, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

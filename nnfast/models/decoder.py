@@ -47,6 +47,9 @@ class DecoderConfig:
     dropout: float = 0.0  # embedding, attention-probability and residual dropout
     init_std: float = 0.02  # std of the normal init; residual projections get /sqrt(2 n_layer)
     fused_loss: bool = True  # loss by nnfast's chunked linear+CE; False: logits + F.cross_entropy
+    window_size: int | None = None  # sliding window: each query sees its last w tokens (Mistral)
+    window_every: int = 1  # layers 0, k, 2k, ... are windowed, the rest global (Gemma 2: 2)
+    attn_softcap: float | None = None  # attention logits softcap * tanh(s / softcap) (Gemma 2)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "multiple_of"):
@@ -69,6 +72,12 @@ class DecoderConfig:
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.window_size is not None and self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1 (or None), got {self.window_size}")
+        if self.window_every < 1:
+            raise ValueError(f"window_every must be >= 1, got {self.window_every}")
+        if self.attn_softcap is not None and not self.attn_softcap > 0:
+            raise ValueError(f"attn_softcap must be > 0 (or None), got {self.attn_softcap}")
         if self.hidden_dim is None:
             if self.mlp == "gelu":
                 self.hidden_dim = 4 * self.n_embd
@@ -99,32 +108,48 @@ def make_mlp(config: DecoderConfig) -> nn.Module:
                          dropout=config.dropout)
 
 
-def make_attention(config: DecoderConfig) -> nn.Module:
+def make_attention(config: DecoderConfig, layer: int = 0) -> nn.Module:
+    local = config.window_size is not None and layer % config.window_every == 0
     return nnfast.SelfAttention(
         config.n_embd, config.n_head, config.n_kv_head, causal=True, bias=config.bias,
         dropout=config.dropout, rope=config.pos == "rope", rope_base=config.rope_base,
         rope_interleaved=config.rope_interleaved, max_seq_len=config.block_size,
+        window_size=(config.window_size - 1, 0) if local else None,
+        softcap=config.attn_softcap,
     )
+
+
+def packed_positions(cu_seqlens: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, T) position of each token inside its document, for documents
+    ``cu_seqlens[d] : cu_seqlens[d + 1]`` of the B*T tokens taken row after row."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)  # (B*T,)
+    return (torch.arange(starts.numel(), device=starts.device) - starts).view(shape)
 
 
 class Block(nn.Module):
     """Pre-norm block: attention then MLP, each added to the residual stream."""
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = make_attention(config)
+        self.attn = make_attention(config, layer)
         self.norm2 = make_norm(config)
         self.mlp = make_mlp(config)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cache=None):
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cache=None, packed=None):
         """``h``: the previous sublayer's output (B, T, d), or the embeddings in block 0
-        (``residual`` None). Returns this block's MLP output and the stream before it."""
+        (``residual`` None). Returns this block's MLP output and the stream before it.
+        ``packed``: ``(cu_seqlens, max_seqlen, position_ids)`` for packed documents."""
         if residual is None:
             residual, x = h, self.norm1(h)
         else:
             x, residual = self.norm1.forward_residual(h.to(residual.dtype), residual)
-        h = self.attn(x, cache=cache)
+        if packed is None:
+            h = self.attn(x, cache=cache)
+        else:
+            cu, max_len, pos = packed
+            h = self.attn(x, position_ids=pos, cu_seqlens=cu, max_seqlen=max_len)
         x, residual = self.norm2.forward_residual(h.to(residual.dtype), residual)
         return self.mlp(x), residual
 
@@ -139,7 +164,7 @@ class Decoder(MFUMixin, nn.Module):
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd) if c.pos == "learned" else None
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.norm_f = make_norm(c)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -189,21 +214,31 @@ class Decoder(MFUMixin, nn.Module):
                     f"token ids must be in [0, {self.config.vocab_size}), got {lo}..{hi}"
                 )
 
-    def hidden_states(self, idx: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, caches: list | None = None,
+                      cu_seqlens: torch.Tensor | None = None,
+                      max_seqlen: int | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d). With ``caches`` (``make_caches``) the tokens
         continue the cached sequence: they sit at positions ``caches[0].pos ..``, attend to
-        the cached keys, and are appended to the caches."""
+        the cached keys, and are appended to the caches. With ``cu_seqlens`` the B*T tokens
+        are packed documents (see ``forward``)."""
         pos0 = 0 if caches is None else caches[0].pos
         x = self.wte(idx)  # (B, T, d)
-        if self.wpe is not None:
+        packed = None
+        if cu_seqlens is not None:
+            if caches is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot continue KV caches")
+            pos = packed_positions(cu_seqlens, tuple(idx.shape))  # restart per document
+            packed = (cu_seqlens, max_seqlen, pos)
+        else:
             pos = torch.arange(pos0, pos0 + idx.shape[1], device=idx.device)
+        if self.wpe is not None:
             x = x + self.wpe(pos)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
         h, residual = self.drop(x), None
         for i, block in enumerate(self.blocks):
-            h, residual = block(h, residual, None if caches is None else caches[i])
+            h, residual = block(h, residual, None if caches is None else caches[i], packed)
         return self.norm_f.forward_residual(h.to(residual.dtype), residual)[0]
 
     def forward(
@@ -214,6 +249,8 @@ class Decoder(MFUMixin, nn.Module):
         last_only: bool = False,
         ignore_index: int = -100,
         return_logits: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` (B, T) int token ids, ``targets`` (B, T) int or None.
 
@@ -225,9 +262,13 @@ class Decoder(MFUMixin, nn.Module):
         With ``return_logits=True`` (or ``config.fused_loss=False``): ``(logits, loss)``, the
         loss by ``F.cross_entropy`` on the logits. Targets equal to ``ignore_index`` do not
         count. The contract of every ``nnfast.models`` family (``nnfast.models.head``).
+        ``cu_seqlens`` (int32, with ``max_seqlen``): the B*T tokens of ``idx``, row after
+        row, are whole documents ``cu_seqlens[d] : cu_seqlens[d + 1]`` (no document crosses
+        a row end): each attends only within itself, its positions (learned or RoPE) start
+        at 0, and no padding is computed (``nnfast.functional.varlen_attention``).
         """
         self._check_idx(idx, targets)
-        h = self.hidden_states(idx)  # (B, T, d)
+        h = self.hidden_states(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # (B, T, d)
         if targets is None and last_only:
             h = h[:, -1:]
         return lm_output(h, self.lm_head.weight, targets, return_logits=return_logits,

@@ -97,6 +97,9 @@ class SelfAttention(nn.Module):
     ``rope``: rotate the first ``rotary_dim`` (default ``head_dim``) channels of q and k.
     ``scale``: the softmax scale (default ``1/sqrt(head_dim)``; T5 uses 1.0).
     ``dropout``: on the attention probabilities (training only) and on the output.
+    ``window_size``: ``(left, right)`` keys around each query's diagonal (-1 = unbounded;
+    causal forces right = 0): ``(w - 1, 0)`` is Mistral's sliding window of ``w`` tokens.
+    ``softcap``: Gemma 2's ``softcap * tanh(scores / softcap)``.
     """
 
     def __init__(
@@ -114,11 +117,15 @@ class SelfAttention(nn.Module):
         rope_interleaved: bool = False,
         max_seq_len: int = 2048,
         scale: float | None = None,
+        window_size: tuple[int, int] | None = None,
+        softcap: float | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        # Validated once here, with the functional API's rules and messages.
+        (self.window_size, self.softcap) = F._check_extras(window_size, softcap)
         if n_heads < 1 or dim % n_heads:
             raise ValueError(f"dim ({dim}) must be a positive multiple of n_heads ({n_heads})")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -143,6 +150,8 @@ class SelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """``x`` (B, T, dim) -> (B, T, dim).
 
@@ -151,6 +160,10 @@ class SelfAttention(nn.Module):
         ``cache``: keys/values of earlier tokens; the T new tokens sit at positions
         ``cache.pos ..`` (RoPE offset too) and ``cache.pos`` advances by T.
         ``position_ids``: RoPE positions (T,) or (B, T) instead of ``offset + t``.
+        ``cu_seqlens`` (int32, ``max_seqlen``): packed documents. The B*T tokens, row after
+        row, are documents ``cu_seqlens[d] : cu_seqlens[d + 1]`` that attend only within
+        themselves (``nnfast.functional.varlen_attention``, no padding); pass
+        ``position_ids`` that restart per document for RoPE. No mask or cache with it.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, T, {self.dim}), got {tuple(x.shape)}")
@@ -163,6 +176,8 @@ class SelfAttention(nn.Module):
         offset = 0 if cache is None else cache.pos
         if self.rotary is not None:
             q, k = self.rotary(q, k, position_ids=position_ids, offset=offset)
+        if cu_seqlens is not None:
+            return self._packed(q, k, v, cu_seqlens, max_seqlen, attn_mask, cache)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hk, offset + T, D) each
             # A cache may be in another dtype than the activations (e.g. fp32 under autocast).
@@ -170,24 +185,45 @@ class SelfAttention(nn.Module):
         S = k.shape[2]
         is_causal = False
         if self.causal:
-            if attn_mask is None and offset == 0:
-                is_causal = True  # T == S: PyTorch's top-left causal is the right one
-            elif attn_mask is not None or T > 1:
+            if attn_mask is None:
+                # Bottom-right (below): with a cache the T new queries are the last T keys.
+                is_causal = True
+            else:
                 attn_mask = _with_causal(attn_mask, T, S, offset, x.device)
-            # else T == 1 against the cache: the one query sees every key, no mask needed
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=is_causal, scale=self.scale, enable_gqa=Hk != H,
+            window_size=self.window_size, softcap=self.softcap,
+            causal_alignment="bottom_right",  # T == S: the same as PyTorch's top-left
         )  # (B, H, T, D)
         if cache is not None:
             cache.pos += T
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
         return self.resid_dropout(self.proj(y))
 
+    def _packed(self, q, k, v, cu_seqlens, max_seqlen, attn_mask, cache) -> torch.Tensor:
+        """Packed documents through varlen attention: q (B, H, T, D) -> (B, T, dim)."""
+        if attn_mask is not None or cache is not None:
+            raise ValueError("cu_seqlens (packed documents) takes no attn_mask and no cache")
+        B, H, T, D = q.shape
+        # (B, H, T, D) -> (B*T, H, D): row after row, the layout cu_seqlens indexes.
+        q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))
+        y = F.varlen_attention(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
+            window_size=self.window_size, softcap=self.softcap, scale=self.scale,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )  # (B*T, H, D)
+        return self.resid_dropout(self.proj(y.reshape(B, T, H * D)))
+
     def extra_repr(self) -> str:
+        extra = ""
+        if self.window_size != (-1, -1):
+            extra += f", window_size={self.window_size}"
+        if self.softcap:
+            extra += f", softcap={self.softcap}"
         return (
             f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
-            f"causal={self.causal}, dropout={self.dropout_p}"
+            f"causal={self.causal}, dropout={self.dropout_p}{extra}"
         )
 
 

@@ -18,6 +18,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from nnfast import functional as F
 from nnfast.modules.norm import LayerNorm, RMSNorm
+from nnfast.reference.attention import _allowed
 
 
 def _check_mask_dtype(name: str, mask: torch.Tensor | None) -> None:
@@ -66,6 +67,10 @@ class Attention(nn.Module):
 
     Difference from PyTorch: a query row whose keys are all masked gives a zero output (and
     zero weights) where PyTorch gives NaN.
+
+    nnfast extras (keyword-only; the defaults are PyTorch's module): ``window_size=(left,
+    right)``, query i sees keys ``i - left .. i + right`` (-1 = unbounded), and ``softcap``
+    (``softcap * tanh(scores / softcap)``), as in ``nnfast.functional``.
     """
 
     __constants__ = ["batch_first"]
@@ -85,8 +90,12 @@ class Attention(nn.Module):
         batch_first: bool = False,
         device=None,
         dtype=None,
+        *,
+        window_size: tuple[int, int] | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
+        self.window_size, self.softcap = F._check_extras(window_size, softcap)
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(
                 f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} "
@@ -235,14 +244,16 @@ class Attention(nn.Module):
 
         weights = None
         if need_weights:
-            y, weights = self._explicit(q, k, v, mask, dropout_p)  # (B, H, L, D), (B, H, L, S)
+            y, weights = self._explicit(q, k, v, mask, dropout_p, self.window_size,
+                                        self.softcap)  # (B, H, L, D), (B, H, L, S)
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (B, L, S)
             if not is_batched:
                 weights = weights.squeeze(0)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal,
+                window_size=self.window_size, softcap=self.softcap,
             )  # (B, H, L, D)
         y = y.permute(2, 0, 1, 3).reshape(L, B, E)  # (L, B, E)
         out = self.out_proj(y)
@@ -253,10 +264,15 @@ class Attention(nn.Module):
         return out, weights
 
     @staticmethod
-    def _explicit(q, k, v, mask, dropout_p):
+    def _explicit(q, k, v, mask, dropout_p, window=(-1, -1), softcap=0.0):
         """Attention with its probabilities materialized (the ``need_weights`` path), in
         fp32, with fully masked rows sent to zeros as the kernel does."""
         s = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if softcap > 0.0:
+            s = softcap * torch.tanh(s / softcap)
+        allowed = _allowed(s.shape[-2], s.shape[-1], False, window, False, s.device)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, -math.inf)
         if mask is not None:  # s: (B, H, L, S)
             s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
         # No key at all (empty memory): a max of 0, so the output and weights are zeros.

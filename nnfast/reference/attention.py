@@ -15,6 +15,10 @@ Two implementations of the same math:
 * ``_fused``: ``F.scaled_dot_product_attention`` on CPU, where PyTorch's flash kernel for
   CPU makes the reference path as fast as plain PyTorch. Fully masked rows are made
   NaN-free before the call (see there).
+
+The extras (sliding ``window``, ``bottom_right`` causal alignment, ``softcap``,
+``return_lse``) always take ``_explicit``. ``varlen_attention`` is the packed layout's oracle:
+each sequence on its own through ``attention``, in fp32, bottom-right aligned.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ def attention(
     is_causal: bool,
     scale: float,
     dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    *,
+    window: tuple[int, int] = (-1, -1),
+    bottom_right: bool = False,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
     """``softmax(q k^T * scale + mask) v`` for q ``(B, Hq, Lq, D)``, k/v ``(B, Hk, Lk, D)``.
 
     ``attn_mask``: bool (True takes part) or float (added to the scores), broadcastable to
@@ -55,7 +64,16 @@ def attention(
     ``is_causal``: top-left aligned, query i sees keys j <= i.
     ``dropout_mask``: bool ``(B, Hq, Lq, Lk)``, True = kept; drawn from torch's RNG when
     ``dropout_p > 0`` and none is given. Kept probabilities are scaled by ``1 / (1 - p)``.
+    ``window`` = (left, right): query i sees keys ``i + d - left .. i + d + right`` (-1 =
+    unbounded; causal sets right = 0), d = 0, or ``Lk - Lq`` with ``bottom_right``.
+    ``softcap`` > 0: scores ``softcap * tanh(scale * q.k / softcap)``, before the mask.
+    ``return_lse``: also the natural log-sum-exp of each row's scores, (B, Hq, Lq) fp32,
+    -inf for a fully masked row, without gradient.
     """
+    extras = tuple(window) != (-1, -1) or bottom_right or softcap > 0.0 or return_lse
+    if extras:
+        return _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask,
+                         window, bottom_right, softcap, return_lse)
     fused = (
         q.is_cpu
         and dropout_p == 0.0
@@ -115,19 +133,40 @@ def _fused(q, k, v, attn_mask, is_causal, scale):
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
-def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask):
+def _allowed(Lq, Lk, is_causal, window, bottom_right, device) -> torch.Tensor | None:
+    """(Lq, Lk) bool: the keys each query may see under causal / window, None = all."""
+    left, right = window
+    if is_causal:
+        right = 0
+    if left < 0 and right < 0:
+        return None
+    d = Lk - Lq if bottom_right else 0
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep &= j <= i + d + right
+    if left >= 0:
+        keep &= j >= i + d - left
+    return keep
+
+
+def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask,
+              window=(-1, -1), bottom_right=False, softcap=0.0, return_lse=False):
     """The math written out, materializing the (B, Hq, Lq, Lk) scores."""
     Hq, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     kf = _fp32(_expand_kv(k, Hq))
     vf = _fp32(_expand_kv(v, Hq))
     s = torch.matmul(_fp32(q), kf.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))
         else:
             s = s + _fp32(attn_mask)
-    if is_causal:
-        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+    keep = _allowed(Lq, Lk, is_causal, window, bottom_right, q.device)
+    if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     # Softmax that sends a row of -inf to zeros: subtract a finite row max (0 for such rows),
     # and divide by a denominator of 1 where the row sum is 0. exp(-inf) = 0 and its
@@ -144,4 +183,53 @@ def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask):
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
-    return torch.matmul(p, vf).to(q.dtype)  # (B, Hq, Lq, D)
+    out = torch.matmul(p, vf).to(q.dtype)  # (B, Hq, Lq, D)
+    if return_lse:
+        return out, torch.logsumexp(s.detach(), dim=-1).float()  # -inf where all -inf
+    return out
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    dropout_mask: torch.Tensor | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """Packed sequences, q ``(total_q, Hq, D)``, k/v ``(total_k, Hk, D)``: sequence b is rows
+    ``cu_seqlens[b] : cu_seqlens[b + 1]``, attended on its own (``attention`` on a batch of
+    one, causal/window bottom-right aligned). ``dropout_mask``: bool
+    ``(B, Hq, max_seqlen_q, max_seqlen_k)``, sequence b reads its top-left corner. lse:
+    ``(Hq, total_q)``. A sequence with no keys gives zeros (lse -inf)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    Hq = q.shape[1]
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_b, D)
+        ks = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hk, Lk_b, D)
+        vs = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        Lq, Lk = qs.shape[2], ks.shape[2]
+        if Lk == 0:  # nothing to attend to (and no reduction over an empty dim)
+            outs.append(q.new_zeros((Lq, Hq, v.shape[2])))
+            lses.append(torch.full((Hq, Lq), float("-inf"), device=q.device))
+            continue
+        dm = None if dropout_mask is None else dropout_mask[b:b + 1, :, :Lq, :Lk]
+        o, lse = _explicit(qs, ks, vs, None, dropout_p, is_causal, scale, dm, window, True,
+                           softcap, True)
+        outs.append(o[0].transpose(0, 1))  # (Lq_b, Hq, D)
+        lses.append(lse[0])
+    out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    if return_lse:
+        lse = torch.cat(lses, 1) if lses else torch.zeros((Hq, 0), device=q.device)
+        return out, lse
+    return out

@@ -1,4 +1,5 @@
-"""Reference for the fused linear + cross-entropy: ``F.linear`` then ``F.cross_entropy``.
+"""Reference for the fused linear + cross-entropy: ``F.linear`` then ``F.cross_entropy``
+(and for the plain ``cross_entropy`` on logits).
 
 It materializes the whole ``(N, V)`` logits (that is what the kernel avoids); it is the
 CPU path, the test oracle and the benchmark baseline.
@@ -31,6 +32,7 @@ def linear_cross_entropy(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    accum_dtype: torch.dtype | None = None,  # the kernel's option; autograd's GEMM is exact
 ) -> torch.Tensor:
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])  # (N, C)
     t = target if target.dim() == 1 else target.reshape(-1)  # (N,)
@@ -39,7 +41,13 @@ def linear_cross_entropy(
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
     logits = F.linear(x, w, b)  # (N, V)
     logits = logits if logits.dtype == torch.float32 else logits.float()  # fp32 loss
-    if reduction == "mean" and x.is_cpu and not torch.compiler.is_compiling():
+    loss = _fp32_cross_entropy(logits, t, ignore_index, reduction, label_smoothing)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _fp32_cross_entropy(logits, t, ignore_index, reduction, label_smoothing):
+    """The loss of fp32 logits (N, V) and int64 targets (N,), nnfast's mean rule."""
+    if reduction == "mean" and logits.is_cpu and not torch.compiler.is_compiling():
         # torch's mean divides by the number of non-ignored targets: 0/0 = NaN when there
         # are none, where nnfast returns 0 (the sum, gradient 0 too). Looking at the result
         # (a host read, free on a CPU) costs less than checking the targets first; the
@@ -54,7 +62,20 @@ def linear_cross_entropy(
         )
         return total / (t != ignore_index).sum().clamp(min=1)
     # F.cross_entropy's op without its Python wrapper (reduction enum: none 0, mean 1, sum 2).
-    loss = torch._C._nn.cross_entropy_loss(
+    return torch._C._nn.cross_entropy_loss(
         logits, t, None, _REDUCTIONS[reduction], ignore_index, label_smoothing
     )
-    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """``F.cross_entropy`` of logits (N, V) computed in fp32, returned in their dtype
+    (the same mean-over-nothing = 0 rule as above)."""
+    loss = _fp32_cross_entropy(input.float(), target.long(), ignore_index, reduction,
+                               label_smoothing)
+    return loss.to(input.dtype)

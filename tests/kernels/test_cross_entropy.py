@@ -4,13 +4,20 @@ chunked path forced to many small chunks and vocabulary blocks."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nnfast.functional as Fn
 from nnfast.reference.cross_entropy import linear_cross_entropy as reference
-from tests.helpers import assert_close_lowp, device_dtype_params, kernel_devices
+from tests.helpers import (
+    assert_close_lowp,
+    device_dtype_params,
+    kernel_devices,
+    profiled_peak_bytes,
+)
 
 ce_kernels = pytest.importorskip("nnfast.kernels.cross_entropy")
 
@@ -20,7 +27,7 @@ def small_chunks(monkeypatch):
     """Force ~15-row chunks and 512-wide vocabulary blocks (V = 999: a partial last one)."""
     monkeypatch.setattr(ce_kernels, "CHUNK_BYTES", 4 * 999 * 16)
     monkeypatch.setattr(ce_kernels, "MAX_BLOCK_V", 512)
-    assert ce_kernels._chunk_rows(113, 999) == 15  # 8 chunks for 113 rows
+    assert ce_kernels._chunk_rows(113, 999, 64, 1024, torch.float32, torch.float32) == 15
 
 
 def _make(N, C, V, dtype, device, w_dtype=None, bias=True, ignore_every=5, ignore_index=-100,
@@ -49,14 +56,16 @@ def _kernel(x, w, t, b, **kw):
     return Fn.linear_cross_entropy(x, w, t, b, **kw)
 
 
-def _ref(x, w, t, b, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    return reference(x, w, t, b, ignore_index, reduction, label_smoothing)
+def _ref(x, w, t, b, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+         accum_dtype=None):
+    return reference(x, w, t, b, ignore_index, reduction, label_smoothing, accum_dtype)
 
 
 def _compare(x, w, b, t, **kw):
-    """Kernel vs fp32 reference, judged against PyTorch's own error in x's dtype."""
+    """Kernel vs an fp64 reference (its projection and gradients in fp64), judged against
+    PyTorch's own error in x's dtype (fp32 included: sums over V = 50257 terms round)."""
     out = _grads(_kernel, x, w, b, t, **kw)
-    ref = _grads(_ref, x.float(), w.float(), None if b is None else b.float(), t, **kw)
+    ref = _grads(_ref, x.double(), w.double(), None if b is None else b.double(), t, **kw)
     lowp = _grads(_ref, x, w, b, t, **kw)
     names = ["loss", "grad_input", "grad_weight", "grad_bias"]
     for i, (name, o, r, lp) in enumerate(zip(names, out, ref, lowp)):
@@ -192,3 +201,121 @@ def test_bad_input_names_the_argument():
         Fn.linear_cross_entropy(x, w, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         Fn.linear_cross_entropy(x, w, t, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_accum_dtype_fp32(small_chunks, device):
+    """fp16 weight, gradient accumulated across the 8 chunks in fp32, returned in fp16."""
+    x, w, b, t = _make(113, 64, 999, torch.float16, device)
+    loss, gx, gw, gb = _compare(x, w, b, t, accum_dtype=torch.float32)
+    assert gw.dtype == torch.float16
+    with pytest.raises(TypeError, match="accum_dtype"):
+        Fn.linear_cross_entropy(x, w, t, accum_dtype=torch.int32)
+
+
+@pytest.mark.skipif("cpu" not in kernel_devices(), reason="measures the CPU (interpreter) path")
+@pytest.mark.parametrize("w_dtype,reduction", [(torch.float16, "mean"), (torch.float16, "none"),
+                                               (torch.float32, "sum")])
+def test_peak_memory_at_most_the_weight(w_dtype, reduction):
+    """Forward + backward allocate at most 1x the weight's bytes beyond the gradients (the
+    profiler's allocation events; the inputs and the weight live before the call)."""
+    N, C, V = 64, 128, 2048
+    x, w, _, t = _make(N, C, V, torch.float16, "cpu", w_dtype=w_dtype, bias=False)
+    x.requires_grad_()
+    w.requires_grad_()
+    go = torch.ones(N) if reduction == "none" else None
+
+    def step():
+        loss = Fn.linear_cross_entropy(x, w, t, reduction=reduction)
+        # The interpreter's launches leave reference cycles that hold their tensor
+        # arguments until the next gc (the CUDA launcher keeps nothing): collect them, as
+        # the forward's chunk buffer is otherwise still alive during the backward.
+        gc.collect()
+        loss.backward(go)
+
+    step()  # compile (interpreter caches) outside the measurement
+    x.grad = w.grad = None
+    peak = profiled_peak_bytes(step)
+    grads = x.grad.nbytes + w.grad.nbytes
+    extra = (peak - grads) / w.nbytes
+    assert extra <= 1.0, f"peak extra memory {extra:.2f}x the weight's bytes"
+
+
+# ----------------------------------------------------------------------------- plain CE
+def _plain_grads(fn, logits, t, go_seed=2, **kw):
+    z = logits.detach().clone().requires_grad_()
+    loss = fn(z, t, **kw)
+    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(go_seed))
+    (gz,) = torch.autograd.grad(loss, z, go.to(loss.device, loss.dtype))
+    return loss.detach(), gz
+
+
+def _torch_ce(z, t, **kw):
+    """F.cross_entropy in z's dtype (fp16/bf16 softmax are computed in fp32 inside)."""
+    return F.cross_entropy(z, t, **kw)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize(
+    "reduction,label_smoothing", [("mean", 0.0), ("mean", 0.1), ("sum", 0.0), ("none", 0.1)]
+)
+def test_plain_cross_entropy_matches_torch(monkeypatch, device, dtype, reduction,
+                                           label_smoothing):
+    monkeypatch.setattr(ce_kernels, "MAX_BLOCK_V", 256)  # V = 999: 4 blocks, a partial one
+    g = torch.Generator().manual_seed(0)
+    wide = (3 * torch.randn(37, 1200, generator=g)).to(device, dtype)
+    logits = wide[:, :999]  # row stride 1200
+    t = torch.randint(0, 999, (37,), generator=g)
+    t[::4] = -100
+    t = t.to(device)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    out = _plain_grads(Fn.cross_entropy, logits, t, **kw)
+    ref = _plain_grads(_torch_ce, logits.double(), t, **kw)
+    lowp = _plain_grads(_torch_ce, logits, t, **kw)
+    for i, name in enumerate(["loss", "grad_logits"]):
+        assert out[i].dtype == dtype, name
+        assert_close_lowp(name, out[i], ref[i], lowp[i], factor=2.0 if i == 0 else 3.0)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_plain_cross_entropy_all_ignored_and_compile(device):
+    z = torch.randn(5, 17, device=device)
+    t = torch.full((5,), 3, device=device)
+    loss, gz = _plain_grads(Fn.cross_entropy, z, t, ignore_index=3)
+    assert loss.item() == 0.0 and torch.equal(gz, torch.zeros_like(gz))
+    t = torch.randint(0, 17, (5,), device=device)
+
+    def entry(z, t):
+        return ce_kernels.cross_entropy(z, t, -100, "mean", 0.1)
+
+    torch._dynamo.reset()
+    fn = torch.compile(entry, backend="aot_eager", fullgraph=True)
+    out = _plain_grads(lambda z, t: fn(z, t), z, t)
+    want = _plain_grads(lambda z, t: entry(z, t), z, t)
+    for a, c in zip(out, want):
+        torch.testing.assert_close(a, c)
+
+
+def test_plain_cross_entropy_reference_and_bad_input(monkeypatch):
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    z, t = torch.randn(6, 11), torch.randint(0, 11, (6,))
+    torch.testing.assert_close(Fn.cross_entropy(z, t, label_smoothing=0.2),
+                               F.cross_entropy(z, t, label_smoothing=0.2))
+    with pytest.raises(TypeError, match="target"):
+        Fn.cross_entropy(z, t.float())
+    with pytest.raises(ValueError, match="target"):
+        Fn.cross_entropy(z, t[:5])
+    with pytest.raises(ValueError, match="input"):
+        Fn.cross_entropy(z[None], t)
+    with pytest.raises(ValueError, match="reduction"):
+        Fn.cross_entropy(z, t, reduction="avg")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_plain_cross_entropy_target_out_of_range(monkeypatch, backend):
+    """hfunc's check on both paths (auto: the kernel, through the interpreter here)."""
+    monkeypatch.setenv("NNFAST_BACKEND", backend)
+    z = torch.randn(4, 11)
+    with pytest.raises(ValueError, match="target"):
+        Fn.cross_entropy(z, torch.tensor([0, 11, 2, -100]))
+    assert Fn.cross_entropy(z, torch.tensor([0, 10, 2, -100])).isfinite()

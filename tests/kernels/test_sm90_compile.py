@@ -33,7 +33,10 @@ def offline_compile():
 
 
 def test_kernels_compile_for_sm90(offline_compile):
-    result = _run("--quick", "--jobs", "2", timeout=300)
+    """Every quick-set kernel compiles; with --assert-stats also: HGMMA in every fp16/bf16
+    tl.dot kernel, the attention forward's main loop within its bound. Spills are reported
+    (spill=, stl=) but not asserted: some flagged variants still spill (issue 10)."""
+    result = _run("--quick", "--jobs", "2", "--assert-stats", timeout=600)
     lines = result.stdout.splitlines()
     failures = [line for line in lines if line.startswith("FAIL")]
     assert result.returncode == 0, "\n".join(failures) or result.stdout[-4000:] + result.stderr
@@ -43,3 +46,6 @@ def test_kernels_compile_for_sm90(offline_compile):
                 "_gemm", "_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq",
                 "_dropout_mask_kernel"}
     assert expected <= compiled, f"not compiled: {sorted(expected - compiled)}"
+    # The statistics were read (a SASS parser that finds nothing cannot pass).
+    fwd = [line for line in lines if line.startswith("OK   _attn_fwd")]
+    assert fwd and all("hgmma=" in line and "loop=" in line for line in fwd), fwd

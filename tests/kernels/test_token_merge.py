@@ -340,3 +340,25 @@ def test_bad_input_names_the_argument():
         nnfast.TokenMerge(4, 6, 0)
     with pytest.raises(ValueError, match="k must"):
         nnfast.TokenExpand(4, 6, 0)
+
+
+@pytest.mark.skipif(not kernel_devices(), reason="Triton kernels cannot run here")
+def test_autotune_key_is_power_of_two_buckets(monkeypatch):
+    """Two batch x length sizes in one power-of-two bucket give the autotuner one key (the
+    key as Autotuner.run builds it from the launch's arguments), so no re-tuning."""
+    import inspect
+
+    names = inspect.signature(kern._gemm.fn).parameters
+    keys = []
+    real_run = kern._gemm_tuned.run
+
+    def spy(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        keys.append(tuple(bound[k] for k in kern._gemm_tuned.keys))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(kern._gemm_tuned, "run", spy)
+    w = torch.randn(8, 8, 2)
+    for T in (10, 12):  # M = B*T/k = 10 and 12 windows: both in the 16 bucket
+        kern.token_merge(torch.randn(2, T, 8), w, None, 2, False)
+    assert keys[0] == keys[1] and keys[0][:3] == (16, 8, 16)
