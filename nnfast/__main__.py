@@ -25,6 +25,10 @@ USAGE = """usage:
                                    list every trainer field and that model's fields
   python -m nnfast export RUN_DIR DIR [--overwrite]
                                    a run's latest checkpoint as a Hugging Face folder
+  python -m nnfast prepare SOURCE --out DIR     text/.jsonl(.gz) -> llm.c token shards
+  python -m nnfast eval RUN_DIR --task hellaswag --data FILE.jsonl
+  python -m nnfast generate RUN_DIR --prompt TEXT
+  python -m nnfast consolidate RUN_DIR_OR_CKPT.dcp   sharded (FSDP) -> one .pt checkpoint
 
 SOURCE: auto (Tiny Shakespeare when found in $NNFAST_DATA_DIR, ./, ./data/ or the cache,
 else pystdlib; never downloads), shakespeare (downloads it once), pystdlib (the Python
@@ -40,6 +44,10 @@ preset, tokenizer or seed is refused). A folder holding a run is never reused wi
 --resume or --overwrite, and one trainer at a time holds it (DIR/run.lock).
 """
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+TOOLS = {"prepare": "nnfast.prepare", "eval": "nnfast.evaluate", "generate": "nnfast.generate",
+         "consolidate": "nnfast.distributed"}
 
 
 def _field_types() -> dict[str, Any]:
@@ -194,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "export":
         return export_main(rest)
+    if cmd in TOOLS:  # prepare, eval, generate, consolidate: each module parses its own flags
+        import importlib
+
+        return importlib.import_module(TOOLS[cmd]).main(rest)
     if cmd != "train":
-        print(f"error: unknown command {cmd!r}; valid: train, models, export\n\n{USAGE}",
-              file=sys.stderr)
+        valid = ", ".join(["train", "models", "export", *TOOLS])
+        print(f"error: unknown command {cmd!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
         try:

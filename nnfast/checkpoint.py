@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ try:
 except ImportError:  # Windows: no flock; the lock is then advisory (pid file only)
     fcntl = None
 
-CKPT_RE = re.compile(r"ckpt_(\d+)\.pt")
+CKPT_RE = re.compile(r"ckpt_(\d+)\.(pt|dcp)")  # .dcp: a sharded (FSDP) checkpoint folder
+SHARDED_META = "trainer.pt"  # the trainer's state inside a .dcp folder
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"
 RUN_FILES = ("latest", METRICS_NAME, "loss.png", "sample.txt", "tokenizer.json")
@@ -71,10 +73,31 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A ``ckpt_*.pt`` file, or a complete ``ckpt_*.dcp`` folder."""
+    if checkpoint_step(path) is None:
+        return False
+    return (path / SHARDED_META).is_file() if path.suffix == ".dcp" else path.is_file()
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def checkpoints(out: Path) -> list[Path]:
-    """``ckpt_*.pt`` files in ``out``, oldest step first."""
-    found = [p for p in out.glob("ckpt_*.pt") if checkpoint_step(p) is not None]
+    """Checkpoints in ``out`` (``ckpt_*.pt`` and ``ckpt_*.dcp``), oldest step first."""
+    found = [p for p in out.glob("ckpt_*") if is_checkpoint(p)]
     return sorted(found, key=checkpoint_step)
+
+
+def rotate_checkpoints(out: Path, path: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step``, ``path`` (the newest) included."""
+    older = [p for p in checkpoints(out) if checkpoint_step(p) <= step and p != path]
+    for old in older[: max(0, len(older) - max(1, keep) + 1)]:
+        remove_checkpoint(old)
 
 
 def save_checkpoint(out: Path, state: dict, step: int, keep: int) -> Path:
@@ -91,9 +114,7 @@ def save_checkpoint(out: Path, state: dict, step: int, keep: int) -> Path:
             f"could not write the checkpoint {path}: {e.strerror or e}"
             + (f"; {last} is still the last checkpoint" if last else "")
         ) from e
-    older = [p for p in checkpoints(out) if checkpoint_step(p) <= step and p != path]
-    for old in older[: max(0, len(older) - max(1, keep) + 1)]:
-        old.unlink(missing_ok=True)
+    rotate_checkpoints(out, path, step, keep)
     return path
 
 
@@ -103,13 +124,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     ptr = out / "latest"
     if ptr.is_file():
         path = out / ptr.read_text().strip()
-        if CKPT_RE.fullmatch(path.name) and path.is_file():
+        if is_checkpoint(path):
             return path
     found = checkpoints(out) if out.is_dir() else []
     return found[-1] if found else None
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The trainer's state; of a sharded checkpoint without the weights and optimizer state
+    (``nnfast.distributed.load_sharded`` reads those into a model)."""
+    if path.is_dir():
+        if not (path / SHARDED_META).is_file():
+            raise FileNotFoundError(f"{path}: not a complete sharded checkpoint "
+                                    f"(no {SHARDED_META})")
+        path = path / SHARDED_META
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

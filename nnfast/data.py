@@ -10,7 +10,10 @@ Sources (``load_corpus``):
   ``$NNFAST_DATA_DIR``, the current folder, the cache), else ``pystdlib``; never a download.
   The corpus description says which, and where it looked.
 * a path: a text file, a folder of text files, or ``.bin`` token shards (nanoGPT's raw uint16
-  or llm.c's format with a 256-int32 header), memory-mapped.
+  or llm.c's format with a 256-int32 header), memory-mapped; or a folder made by
+  ``python -m nnfast prepare`` (its ``manifest.json`` gives the split and the tokenizer,
+  headers are required, an unfinished folder is refused). Shards are never in memory whole:
+  batches copy their windows, the trainer's id check scans 16M tokens at a time.
 
 Tokenizers: ``char`` (built from the corpus, saved with the run as JSON), ``byte`` (256) and
 ``gpt2`` (tiktoken BPE; respects ``TIKTOKEN_CACHE_DIR``).
@@ -52,10 +55,12 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], eot: bool = False):
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        self.vocab_size = len(self.chars) + eot
+        if eot:  # prepared shards separate documents by one extra id after the characters
+            self.eot = len(self.chars)
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -77,14 +82,18 @@ class CharTokenizer:
         return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
 
     def to_dict(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars, "eot": hasattr(self, "eot")}
 
 
 class ByteTokenizer:
     """UTF-8 bytes as ids: works for any text, including text that is not valid UTF-8."""
 
     kind = "byte"
-    vocab_size = 256
+
+    def __init__(self, eot: bool = False):
+        self.vocab_size = 256 + eot
+        if eot:  # prepared shards separate documents by id 256
+            self.eot = 256
 
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else text
@@ -94,7 +103,7 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict:
-        return {"kind": "byte"}
+        return {"kind": "byte", "eot": hasattr(self, "eot")}
 
 
 class GPT2Tokenizer:
@@ -139,9 +148,9 @@ Tokenizer = CharTokenizer | ByteTokenizer | GPT2Tokenizer
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     if d["kind"] == "char":
-        return CharTokenizer(d["chars"])
+        return CharTokenizer(d["chars"], d.get("eot", False))
     if d["kind"] == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(d.get("eot", False))
     if d["kind"] == "gpt2":
         return GPT2Tokenizer()
     raise DataError(f"unknown tokenizer kind {d['kind']!r}; valid: char, byte, gpt2")
@@ -274,12 +283,16 @@ def read_text(path: Path) -> str:
         ) from e
 
 
-def read_bin(path: Path) -> np.ndarray:
-    """Token ids of one shard, memory-mapped: llm.c's format (header) or nanoGPT's raw uint16."""
+def read_bin(path: Path, llmc: bool = False) -> np.ndarray:
+    """Token ids of one shard, memory-mapped: llm.c's format (header) or nanoGPT's raw uint16
+    (``llmc``: the header is required)."""
     nbytes = path.stat().st_size
     if nbytes == 0:
         raise DataError(f"{path} is empty")
     header = np.fromfile(path, dtype=np.int32, count=min(LLMC_HEADER_INTS, nbytes // 4))
+    if llmc and (not header.size or header[0] != LLMC_MAGIC):
+        got = int(header[0]) if header.size else None
+        raise DataError(f"{path}: not an llm.c shard (magic {got}, want {LLMC_MAGIC})")
     if header.size and header[0] == LLMC_MAGIC:
         if header.size < LLMC_HEADER_INTS:
             raise DataError(f"{path}: llm.c header truncated")
@@ -289,8 +302,10 @@ def read_bin(path: Path) -> np.ndarray:
         if dtype is None:
             raise DataError(f"{path}: unsupported llm.c shard version {version} (want 1 or 2)")
         offset = LLMC_HEADER_INTS * 4
-        if nbytes != offset + ntok * np.dtype(dtype).itemsize:
-            raise DataError(f"{path}: header says {ntok} tokens, file size disagrees")
+        want = offset + ntok * np.dtype(dtype).itemsize
+        if nbytes != want:
+            raise DataError(f"{path}: header says {ntok} tokens ({want} bytes), the file has "
+                            f"{nbytes} bytes: truncated or not a shard")
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(ntok,))
     if nbytes % 2:
         raise DataError(f"{path}: odd size; not a uint16 token file (nor llm.c's format)")
@@ -311,7 +326,10 @@ class Corpus:
 
 def _split(ids: np.ndarray, val_fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
     n_val = int(len(ids) * val_fraction)
-    return [ids[: len(ids) - n_val]], ([ids[len(ids) - n_val :]] if n_val else [])
+    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    if isinstance(val, np.memmap):  # errors name positions in the shard file
+        val.token_offset = getattr(ids, "token_offset", 0) + len(ids) - n_val
+    return [train], ([val] if n_val else [])
 
 
 def _make_tokenizer(name: str, text: str | None, saved: Tokenizer | None) -> Tokenizer:
@@ -363,6 +381,8 @@ def load_corpus(
                 desc += (f", because --data auto found no Tiny Shakespeare in {_searched()}; "
                          "pass --data shakespeare to download it, or --data PATH for a file "
                          "or folder")
+    elif path.is_dir() and (path / "manifest.json").is_file():
+        return _load_prepared(path, tokenizer, saved_tokenizer)
     elif path.is_dir() and sorted(path.glob("*.bin")):
         return _load_shards(sorted(path.glob("*.bin")), tokenizer, val_fraction, saved_tokenizer)
     elif path.is_file() and path.suffix == ".bin":
@@ -420,12 +440,87 @@ def _load_shards(files, tokenizer, val_fraction, saved_tokenizer) -> Corpus:
     return Corpus(train, val, tok, f"{len(files)} token shard(s) in {where}; {ntok:,} tokens")
 
 
+def _load_prepared(folder: Path, tokenizer: str, saved_tokenizer) -> Corpus:
+    """A folder made by ``python -m nnfast prepare``: its manifest names the shards, their
+    split and the tokenizer; an unfinished one is refused (run prepare again to finish)."""
+    where = folder / "manifest.json"
+    try:
+        m = json.loads(where.read_text())
+        complete, shards, tok_dict = m["complete"], m["shards"], m["tokenizer"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: not a manifest written by nnfast prepare ({e!r})") from None
+    if not complete:
+        raise DataError(f"{where}: preparation did not finish; run the same prepare command "
+                        "again to continue it")
+    tok = saved_tokenizer or tokenizer_from_dict(tok_dict)
+    if tokenizer not in ("auto", tok.kind):
+        raise DataError(f"{folder} holds {tok.kind} token ids: use --tokenizer {tok.kind}")
+    split = {"val": [], "train": []}
+    for entry in shards:
+        arr = read_bin(folder / entry["file"], llmc=True)
+        if len(arr) != entry["tokens"]:
+            raise DataError(f"{folder / entry['file']}: {len(arr)} tokens, the manifest says "
+                            f"{entry['tokens']}")
+        split[entry["split"]].append(arr)
+    ntok = sum(e["tokens"] for e in shards)
+    desc = f"{len(shards)} prepared shard(s) in {folder}; {tok.kind} tokenizer, {ntok:,} tokens"
+    return Corpus(split["train"], split["val"], tok, desc)
+
+
 # ----------------------------------------------------------------------------- batches
-class Batches:
+class GlobalOrder:
+    """The world-size-independent sampling position shared by every batch source: step
+    ``s`` draws ``batch_size * world * grad_accum`` picks from a generator keyed on
+    ``(seed, stream, s)``; micro-batch ``m`` of rank ``r`` takes rows
+    ``(m * world + r) * batch_size ...``. The state is ``(step, micro)``."""
+
+    def _order(self, seed: int, batch_size: int, rank: int, world: int, grad_accum: int,
+               stream: int) -> None:
+        self.seed, self.stream, self.batch_size = seed, stream, batch_size
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+        self.step, self.micro = 0, 0
+
+    def global_picks(self, step: int, n: int) -> np.ndarray:
+        """Every pick in ``range(n)`` of optimizer step ``step``, all ranks and micro-batches."""
+        rng = np.random.default_rng([self.seed, self.stream, step])
+        return rng.integers(n, size=self.batch_size * self.world * self.grad_accum)
+
+    def next_picks(self, n: int) -> np.ndarray:
+        """This rank's picks for the current micro-batch; advances the position."""
+        first = (self.micro * self.world + self.rank) * self.batch_size
+        picks = self.global_picks(self.step, n)[first : first + self.batch_size]
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.step, self.micro = self.step + 1, 0
+        return picks
+
+    def seek(self, step: int, micro: int = 0) -> None:
+        """Continue from optimizer step ``step`` (what a resume does)."""
+        self.step, self.micro = step, micro
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "step" not in state:
+            raise DataError(
+                "this checkpoint's data-sampler state is from an older nnfast (per-rank "
+                "generators); its data order cannot be continued exactly"
+            )
+        self.seed = state.get("seed", self.seed)
+        self.seek(state["step"], state["micro"])
+
+
+class Batches(GlobalOrder):
     """Random windows of ``block_size + 1`` tokens: ``x`` and ``y`` shifted by one.
 
-    Windows are drawn uniformly over every valid start across shards, with a
-    ``torch.Generator`` whose state a checkpoint can save and restore.
+    The order is global, so it does not depend on the world size: optimizer step ``s``
+    draws ``batch_size * world * grad_accum`` window starts from a generator keyed on
+    ``(seed, stream, s)`` alone, and micro-batch ``m`` of rank ``r`` is rows
+    ``(m * world + r) * batch_size ...`` of them. One rank with batch 8, one with batch 4
+    and accumulation 2, and two ranks with batch 4 all train on the same tokens at every
+    step. The state is the position ``(step, micro)``; resuming sets it, on any world size.
+    Starts are uniform over every valid start across shards.
     """
 
     def __init__(
@@ -436,6 +531,10 @@ class Batches:
         device: torch.device | str = "cpu",
         seed: int = 0,
         name: str = "train split",
+        rank: int = 0,
+        world: int = 1,
+        grad_accum: int = 1,
+        stream: int = 0,
     ):
         shards = [s for s in shards if len(s) > block_size]
         if not shards:
@@ -443,18 +542,18 @@ class Batches:
                 f"the {name} is shorter than block_size + 1 = {block_size + 1} tokens: "
                 "use a longer corpus or a smaller --block_size"
             )
-        self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
+        self.shards, self.block_size = shards, block_size
         self.device = torch.device(device)
+        self._order(seed, batch_size, rank, world, grad_accum, stream)
         # Valid starts per shard: 0 .. len - block_size - 1.
         self.starts = np.cumsum([0] + [len(s) - block_size for s in shards])
-        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        picks = torch.randint(len(self), (self.batch_size,), generator=self.generator).numpy()
+        picks = self.next_picks(len(self))
         shard = np.searchsorted(self.starts, picks, side="right") - 1
         rows = [
             self.shards[s][i - self.starts[s] : i - self.starts[s] + T + 1]
@@ -467,9 +566,3 @@ class Batches:
             x, y = x.pin_memory(), y.pin_memory()
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x.contiguous(), y.contiguous()
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

@@ -420,6 +420,8 @@ def varlen_attention(
             "the same number of sequences"
         )
     window, cap = _check_extras(window_size, softcap)
+    dropout_p = C.check_number("dropout_p", dropout_p)
+    scale = C.check_number("scale", scale, allow_none=True)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):

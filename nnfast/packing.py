@@ -20,7 +20,7 @@ import inspect
 import numpy as np
 import torch
 
-from nnfast.data import DataError
+from nnfast.data import DataError, GlobalOrder
 
 
 def document_starts(shard: np.ndarray, eot: int) -> np.ndarray:
@@ -40,12 +40,13 @@ def boundaries(x: torch.Tensor, eot: int) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-class DocumentBatches:
-    """``D.Batches``' interface (``next``, ``generator``, ``state_dict``), rows starting at
+class DocumentBatches(GlobalOrder):
+    """``D.Batches``' interface and global (world-size-independent) order, rows starting at
     document starts; ``next()`` returns ``(x, y, cu_seqlens, max_seqlen)``."""
 
     def __init__(self, shards, block_size: int, batch_size: int, device="cpu", seed: int = 0,
-                 name: str = "train split", *, eot: int):
+                 name: str = "train split", rank: int = 0, world: int = 1,
+                 grad_accum: int = 1, stream: int = 0, *, eot: int):
         T = block_size
         self.shards = [s for s in shards if len(s) > T]
         # Valid row starts: document starts with block_size + 1 tokens after them.
@@ -57,16 +58,16 @@ class DocumentBatches:
                 f"the {name} has no document start with block_size + 1 = {T + 1} tokens "
                 "after it: use a longer corpus or a smaller --block_size"
             )
-        self.block_size, self.batch_size, self.eot = T, batch_size, eot
+        self.block_size, self.eot = T, eot
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self._order(seed, batch_size, rank, world, grad_accum, stream)
 
     def __len__(self) -> int:
         return int(self.counts[-1])
 
     def next(self):
         T = self.block_size
-        picks = torch.randint(len(self), (self.batch_size,), generator=self.generator).numpy()
+        picks = self.next_picks(len(self))
         shard = np.searchsorted(self.counts, picks, side="right") - 1
         starts = [self.doc_starts[s][i - self.counts[s]] for s, i in zip(shard, picks)]
         rows = [self.shards[s][i:i + T + 1] for s, i in zip(shard, starts)]
@@ -75,12 +76,6 @@ class DocumentBatches:
         cu, max_len = boundaries(x, self.eot)  # on the host: no device sync
         dev = self.device
         return x.to(dev), y.to(dev), cu.to(dev), max_len
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 def batches_class(pack: bool, tokenizer, model: torch.nn.Module, batches_cls):

@@ -43,6 +43,8 @@ import torch.distributed as dist
 
 import nnfast.models as models
 from nnfast import data as D
+from nnfast import distributed as FS
+from nnfast import evaluate as E
 from nnfast import packing
 from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's public API)
     RUN_FILES,
@@ -54,6 +56,7 @@ from nnfast.checkpoint import (  # noqa: F401  (re-exported: nnfast.train's publ
     latest_checkpoint,
     load_checkpoint,
     read_metrics,
+    remove_checkpoint,
     run_files,
     save_checkpoint,
     truncate_metrics,
@@ -101,6 +104,10 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW's epsilon
     pack_documents: bool = False  # rows of whole EOT-separated documents, no cross-doc attention
     overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2, sharded)
+    activation_checkpointing: bool = False  # fsdp: recompute block activations in backward
+    eval_hellaswag: str | None = None  # HellaSwag-format .jsonl scored during training
+    eval_hellaswag_every: int = 0  # steps between those scores; 0: at every eval
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -128,7 +135,8 @@ def _validate(cfg: TrainConfig) -> None:
                  "log_interval", "keep_checkpoints"):
         check(getattr(cfg, name) >= 1, name, ">= 1")
     for name in ("warmup_steps", "lr_decay_steps", "save_interval", "sample_tokens",
-                 "threads", "weight_decay", "grad_clip"):
+                 "threads", "weight_decay", "grad_clip",
+                 "eval_hellaswag_every"):
         check(getattr(cfg, name) >= 0, name, ">= 0")
     check(0.0 <= cfg.val_fraction < 1.0, "val_fraction", "in [0, 1)")
     check(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "in [0, 1]")
@@ -145,7 +153,7 @@ def _validate(cfg: TrainConfig) -> None:
     check(cfg.temperature > 0, "temperature", "> 0")
     check(cfg.top_k is None or cfg.top_k >= 1, "top_k", ">= 1 (or none)")
     check(cfg.top_p is None or 0 < cfg.top_p <= 1, "top_p", "in (0, 1] (or none)")
-    choices = {"dtype": DTYPES, "tokenizer": D.TOKENIZERS}
+    choices = {"dtype": DTYPES, "tokenizer": D.TOKENIZERS, "parallel": FS.PARALLEL}
     for name, valid in choices.items():
         if getattr(cfg, name) not in valid:
             raise UsageError(f"--{name} must be one of {', '.join(valid)}, "
@@ -285,7 +293,13 @@ def plot_metrics(metrics: Path, png: Path) -> bool:
             ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
+    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
+    if hs:  # accuracy on its own scale, on the right
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*hs), color="tab:green", marker=".", label="hellaswag acc_norm")
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.savefig(png, dpi=100)
     return True
@@ -385,6 +399,7 @@ class Trainer:
             self._start_afresh(resume)
             return None
         path, ckpt = found
+        self.ckpt_path = path
         self.notes.append(f"resume: {path} (step {ckpt['step']})")
         self.cfg = resumed_config(ckpt, cfg, overrides, given, self.notes.append, lr_factor)
         self.overrides = dict(ckpt["model_overrides"])
@@ -410,12 +425,13 @@ class Trainer:
             )
         if self.master:
             for p in old:
-                p.unlink(missing_ok=True)
+                remove_checkpoint(p)
         self.notes.append(f"overwrite: deleted the previous run's {len(old)} files in {self.out}")
 
     def _setup_data(self, ckpt: dict | None) -> None:
         cfg = self.cfg
         saved_tok = D.tokenizer_from_dict(ckpt["tokenizer"]) if ckpt else None
+        self.hellaswag = E.read_hellaswag(cfg.eval_hellaswag) if cfg.eval_hellaswag else None
         self.corpus = D.load_corpus(cfg.data, cfg.tokenizer, cfg.val_fraction, saved_tok)
         self.log(f"data: {self.corpus.description}")
         vocab = self.corpus.tokenizer.vocab_size
@@ -444,8 +460,14 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.raw_model = models.create(cfg.model, cfg.preset, **self.overrides).to(self.device)
-        if ckpt is not None:  # before the optimizer: a model that grew must grow again first
-            self.raw_model.load_state_dict(ckpt["model_state"])
+        if ckpt is not None and "model_state" in ckpt:  # before the optimizer: a model that
+            self.raw_model.load_state_dict(ckpt["model_state"])  # grew must grow again first
+        self.sharded = cfg.parallel == "fsdp" and self.world > 1
+        if self.sharded:  # before the optimizer, which must see the shards
+            if hasattr(self.raw_model, "maybe_grow"):
+                raise UsageError(f"--parallel fsdp: {cfg.model} grows during training; use ddp")
+            FS.shard(self.raw_model, _autocast_dtype(cfg.dtype, self.device),
+                     cfg.activation_checkpointing)
         mc = self.raw_model.config
         torch.manual_seed(cfg.seed + self.rank)  # dropout masks differ across ranks
         n_params = sum(p.numel() for p in self.raw_model.parameters())
@@ -454,14 +476,14 @@ class Trainer:
             f"block {mc.block_size}, vocab {mc.vocab_size}, device {self.device}, "
             f"world {self.world}"
         )
-        self.data_seed = cfg.seed + 7919 * self.rank  # each rank its own stream of windows
-        corpus = self.corpus
+        # One global order that each rank slices: the data does not depend on the world size.
+        corpus, order = self.corpus, {"rank": self.rank, "world": self.world}
         Batches = packing.batches_class(cfg.pack_documents, corpus.tokenizer, self.raw_model,
                                         D.Batches)
         self.train_batches = Batches(corpus.train, mc.block_size, cfg.batch_size, self.device,
-                                     self.data_seed)
+                                     cfg.seed, grad_accum=cfg.grad_accum, **order)
         self.val_batches = Batches(corpus.val or corpus.train, mc.block_size, cfg.batch_size,
-                                   self.device, self.data_seed, name="val split")
+                                   self.device, cfg.seed, name="val split", stream=1, **order)
         amp_dtype = _autocast_dtype(cfg.dtype, self.device)
         self.autocast = (
             torch.autocast(self.device.type, dtype=amp_dtype)
@@ -476,7 +498,13 @@ class Trainer:
         if ckpt is not None:
             fresh = [{k: v for k, v in g.items() if k != "params"}
                      for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "optimizer" in ckpt and self.sharded:  # whole tensors for sharded parameters
+                raise UsageError(f"{self.ckpt_path} is a plain (DDP or one-process) checkpoint: "
+                                 "resume it with --parallel ddp (FSDP resumes from ckpt_*.dcp)")
+            if "optimizer" in ckpt:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            else:  # sharded: weights and optimizer resharded to this world size
+                FS.load_sharded(self.ckpt_path, self.raw_model, self.optimizer)
             self.scheduler.load_state_dict(ckpt["scheduler"])
             apply_hyperparameters(self.optimizer, self.scheduler, fresh,
                                   lr_factor(self.scheduler.last_epoch, self.cfg))
@@ -484,12 +512,11 @@ class Trainer:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.start = ckpt["step"]
             ranks = ckpt["rank_states"]
+            self.train_batches.seek(self.start)  # the global data order, on any world size
             if len(ranks) == self.world:
                 _set_rng_state(ranks[self.rank]["rng"])
-                self.train_batches.load_state_dict(ranks[self.rank]["data"])
-            else:  # a different world size: fresh, distinct streams
-                self.log(f"resume: world size {len(ranks)} -> {self.world}; data streams re-seeded")
-                self.train_batches.generator.manual_seed(self.data_seed + self.start)
+            else:  # a different world size: fresh, distinct dropout streams
+                self.log(f"resume: world size {len(ranks)} -> {self.world}; RNG streams re-seeded")
         self.model = self._wrap(self.raw_model)
 
     def _make_optimizer(self, last_epoch: int = -1):
@@ -505,7 +532,7 @@ class Trainer:
     def _wrap(self, m: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.compile:
             m = torch.compile(m)
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             dev = self.device
             m = torch.nn.parallel.DistributedDataParallel(
                 m, device_ids=[dev.index] if dev.type == "cuda" else None
@@ -517,7 +544,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for tmp in self.out.glob("*.tmp"):  # we hold the lock: a killed writer's leftovers
                 if checkpoint_step(tmp.with_suffix("")) is not None or tmp.stem in RUN_FILES:
-                    tmp.unlink(missing_ok=True)
+                    remove_checkpoint(tmp)
             D.save_tokenizer(self.corpus.tokenizer, self.out / "tokenizer.json")
             truncate_metrics(self.metrics_path, self.start, self.log)
             # What this (part of the) run trained on, first: a row without "loss".
@@ -550,7 +577,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             kw = self.batch_kwargs(*self.train_batches.next())
             sync = micro == cfg.grad_accum - 1 or world == 1  # DDP syncs on the last only
-            with contextlib.nullcontext() if sync else model.no_sync(), self.autocast:
+            with FS.set_gradient_sync(model, sync), self.autocast:
                 loss = model(**kw)[1]
             loss_sum += loss.detach().float()
             self.scaler.scale(loss / cfg.grad_accum).backward()
@@ -577,7 +604,7 @@ class Trainer:
         """Validation loss and the model's own metrics, on the same batches every time."""
         cfg, device, raw = self.cfg, self.device, self.raw_model
         self.model.eval()
-        self.val_batches.generator.manual_seed(self.data_seed)
+        self.val_batches.seek(0)
         total = torch.zeros((), device=device)
         extra: dict[str, float] = {}
         devices = [device] if device.type == "cuda" else []
@@ -609,7 +636,7 @@ class Trainer:
         if self.world > 1:
             ranks = [None] * self.world
             dist.all_gather_object(ranks, mine)
-        if not self.master:
+        if not (self.master or self.sharded):
             return
         cfg, raw = self.cfg, self.raw_model
         state = {
@@ -618,12 +645,17 @@ class Trainer:
             "model_config": dataclasses.asdict(raw.config),
             "train_config": dataclasses.asdict(cfg),
             "tokenizer": self.corpus.tokenizer.to_dict(),
-            "model_state": raw.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rank_states": ranks,  # RNG and data-sampler state of every rank
         }
-        save_checkpoint(self.out, state, step, cfg.keep_checkpoints)
-        plot_metrics(self.metrics_path, self.out / "loss.png")
+        if self.sharded:  # every rank writes its shards
+            FS.save_sharded(self.out, step, raw, self.optimizer, state if self.master else None,
+                            cfg.keep_checkpoints)
+        else:
+            state.update(model_state=raw.state_dict(), optimizer=self.optimizer.state_dict())
+            save_checkpoint(self.out, state, step, cfg.keep_checkpoints)
+        if self.master:
+            plot_metrics(self.metrics_path, self.out / "loss.png")
 
     def check_finite(self, step: int, loss: float) -> None:
         """A finite loss can still leave NaN weights (the update overflowed): such a state
@@ -631,6 +663,7 @@ class Trainer:
         named = list(self.raw_model.named_parameters())
         named += [(f"the optimizer's {k} of {n}", v) for (n, p) in named
                   for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
+        named = [(n, FS.local(t)) for n, t in named]  # this rank's shard of an FSDP tensor
         named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
         # min and max: NaN propagates into both, inf shows in one; 20x cheaper than isfinite.
         finite = [torch.isfinite(torch.stack(t.detach().aminmax())).all() for _, t in named]
@@ -696,6 +729,9 @@ class Trainer:
                     self.log_step(step, loss, tok_s, mfu, bar)
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     val_loss, val_metrics = self.log_eval(step, loss, bar)
+                every = cfg.eval_hellaswag_every or cfg.eval_interval
+                if self.hellaswag and (step % every == 0 or step == cfg.max_steps):
+                    self.log_hellaswag(step, bar)
                 if step % save_every == 0 or step == cfg.max_steps:
                     self.save(step, loss)
                 t0 = time.perf_counter()  # eval and saving do not count against tokens/s
@@ -705,15 +741,30 @@ class Trainer:
         return {"losses": losses, "val_loss": val_loss, "val_metrics": val_metrics,
                 "sample": text, "model": raw}
 
+    def log_hellaswag(self, step: int, bar) -> None:
+        """HellaSwag scores of the model now: rank 0 alone, or every rank on a sharded model
+        (its forward gathers the weights with collectives)."""
+        if not (self.master or self.sharded):
+            return
+        hs = E.hellaswag(self.raw_model, self.corpus.tokenizer, self.hellaswag,
+                         self.cfg.batch_size, self.device)
+        self.write({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
+        if self.master:
+            bar.write(f"step {step}: hellaswag acc {hs['acc']:.4f}, acc_norm "
+                      f"{hs['acc_norm']:.4f} ({hs['n']} examples)")
+
     def write_sample(self) -> str:
         cfg = self.cfg
-        if not (self.master and cfg.sample_tokens > 0):
+        # A sharded model samples on every rank (generate gathers weights collectively).
+        if not ((self.master or self.sharded) and cfg.sample_tokens > 0):
             return ""
         try:
             text = _sample(self.raw_model, self.corpus.tokenizer, cfg, self.device, self.autocast)
         except D.DataError as e:  # e.g. GPT-2 BPE files unavailable offline: the run stands
             self.log(f"sample skipped: {e}")
             return ""
+        if not self.master:
+            return text
         (self.out / "sample.txt").write_text(text, encoding="utf-8")
         title = getattr(self.raw_model, "demo_title", None)  # a task demo, not an LM sample
         self.log(f"{title or f'sample ({cfg.sample_tokens} tokens)'}:\n{text}")
@@ -727,11 +778,15 @@ def _check_token_ids(corpus, vocab: int) -> None:
         if np.issubdtype(ids.dtype, np.integer) and np.iinfo(ids.dtype).max < vocab:
             continue
         for lo in range(0, len(ids), chunk):
-            top = int(np.asarray(ids[lo : lo + chunk]).max())
+            part = np.asarray(ids[lo : lo + chunk])
+            top = int(part.max())
             if top >= vocab:
                 where = getattr(ids, "filename", None) or "the corpus"
+                at = int(np.argmax(part >= vocab))  # the first bad id; its place in the file:
+                pos = getattr(ids, "token_offset", 0) + lo + at
                 raise D.DataError(
-                    f"{where} holds token id {top}, past the vocabulary (ids 0..{vocab - 1}): "
+                    f"{where} holds token id {int(part[at])} at position {pos}, past the "
+                    f"vocabulary (ids 0..{vocab - 1}): "
                     "these shards were made with another tokenizer; pass --vocab_size "
                     f"{top + 1} or more if the ids are right"
                 )

@@ -316,4 +316,5 @@ def test_vocab_errors_are_one_line(corpus, tmp_path, torch_backend, capsys):
     np.array([1, 2, 3, 60000, 5] * 200, dtype=np.uint16).tofile(shard)
     argv = base_args(shard, tmp_path / "b", sample_tokens=0)
     assert cli.main(["train", *argv]) == 1
-    one_line_error(capsys, f"{shard} holds token id 60000, past the vocabulary (ids 0..50256)")
+    one_line_error(capsys, f"{shard} holds token id 60000 at position 3, past the vocabulary "
+                   "(ids 0..50256)")
