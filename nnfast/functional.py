@@ -235,8 +235,7 @@ def gelu(input, approximate="none"):
 def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-    dropout_p = C.check_number("dropout_p", dropout_p)
-    scale = C.check_number("scale", scale, allow_none=True)
+    dropout_p, scale = _check_dropout_scale(dropout_p, scale)
     for name, t in (("query", query), ("key", key), ("value", value)):
         C.check_float(name, t)
         if t.dim() != 4:
@@ -280,6 +279,13 @@ def _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                 f"(B, H, Lq, Lk) = {target}"
             )
+    return dropout_p, scale
+
+
+def _check_dropout_scale(dropout_p, scale) -> tuple[float, float | None]:
+    """dropout_p a number in [0, 1), scale None or a finite number (both attention APIs)."""
+    dropout_p = C.check_number("dropout_p", dropout_p)
+    scale = C.check_number("scale", scale, allow_none=True)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
@@ -420,12 +426,7 @@ def varlen_attention(
             "the same number of sequences"
         )
     window, cap = _check_extras(window_size, softcap)
-    dropout_p = C.check_number("dropout_p", dropout_p)
-    scale = C.check_number("scale", scale, allow_none=True)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    dropout_p, scale = _check_dropout_scale(dropout_p, scale)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     return _impl("attention", q).varlen_attention(
@@ -475,7 +476,7 @@ def linear_cross_entropy(
 
 def _ce_dispatch(name, input, target, n_classes, ignore_index, args, *extra):
     """Run kernel or reference ``name``; targets outside [0, n_classes) (not ignore_index)
-    raise a ValueError on both paths (hfunc's check_class_targets)."""
+    raise a ValueError on both paths (``_checks.check_class_targets``)."""
     kernel = use_triton(input)
     impl = (_PACKAGES[kernel] or _load(kernel)).cross_entropy
     if kernel:  # the kernel reads target as an index without a bounds check: check first

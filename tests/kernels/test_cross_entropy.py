@@ -313,7 +313,7 @@ def test_plain_cross_entropy_reference_and_bad_input(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_plain_cross_entropy_target_out_of_range(monkeypatch, backend):
-    """hfunc's check on both paths (auto: the kernel, through the interpreter here)."""
+    """check_class_targets on both paths (auto: the kernel, through the interpreter here)."""
     monkeypatch.setenv("NNFAST_BACKEND", backend)
     z = torch.randn(4, 11)
     with pytest.raises(ValueError, match="target"):
