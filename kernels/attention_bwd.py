@@ -11,7 +11,6 @@ from nnfast.kernels.attention_common import (
     _KEY,
     _configs,
     _dropout_keep,
-    _prune_spilling,
     _scores,
     _seq,
     _softcap_dt,
@@ -53,37 +52,58 @@ def _dkdv_inner(
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # Tiles are transposed, (BLOCK_N keys, BLOCK_M queries). Rows past seqlen_q load
-    # lse = +inf and dO = 0, so their P and dS are exactly 0; key rows past seqlen_k are
-    # never stored.
+    # Tiles are transposed, (BLOCK_N keys, BLOCK_M queries). Key rows past seqlen_k are
+    # never stored, so their scores need no bounds mask (KEY_BOUND=False). The order below
+    # keeps at most two (BLOCK_N, BLOCK_M) fp32 tiles alive (registers, not spills, on sm_90):
+    # dV's product consumes P before dP exists; P is then folded into what dS needs.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < seqlen_q
-        qT = tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
-                     mask=d_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M)
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
-        qkT = tl.dot(k, qT, input_precision=DOT_PREC)
-        sT = _scores(qkT, offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn,
-                     seqlen_q, seqlen_k, diag, wl, wr, scale_log2, cap2, MASKED, HAS_LEFT,
-                     HAS_RIGHT, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL)
-        pT = tl.math.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
-        do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, dropout_p)
-            r = 1.0 / (1.0 - dropout_p)
-            pdT = tl.where(keep, pT * r, 0.0)
-            dpT = tl.where(keep, dpT * r, 0.0)
+        if EVEN_D:  # BLOCK_D == HEAD_DIM: no head-dim predicate per element
+            qmask = m_ok[None, :]
+            gmask = m_ok[:, None]
         else:
-            pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
+            qmask = d_ok[:, None] & m_ok[None, :]
+            gmask = m_ok[:, None] & d_ok[None, :]
+        qT = tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
+                     mask=qmask, other=0.0)  # (BLOCK_D, BLOCK_M)
+        qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:  # d softcap / d score, taken before qkT dies
+            dcap = _softcap_dt(qkT, scale_log2, cap2)
+        # other=0, not +inf: a row past seqlen_q has q = 0 (so a score of 0 or -inf, its bias
+        # reads 0), P <= 1 and dO = delta = 0, so it adds exactly 0 to dK and dV; a zero fill
+        # needs no select after the pipelined copy, and so no row mask kept per stage.
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+        # Scores and dropout in coordinates shifted by -start_m on both axes: the tiles use
+        # the loop-invariant offs_m0, not offs_m (which the software pipeliner would keep,
+        # one copy per stage, in the score tile's layout).
+        sT = _scores(qkT, offs_m0[None, :], (offs_n - start_m)[:, None],
+                     mask_base + start_m * (stride_mm + stride_mn), stride_mm, stride_mn,
+                     seqlen_q - start_m, seqlen_k - start_m, diag, wl, wr, scale_log2, cap2,
+                     MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, False)
+        pT = tl.math.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M), >= 0
+        do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                     mask=gmask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        if HAS_DROPOUT:
+            # Dropped entries carry -P: one tile holds P and the keep bit (P >= 0).
+            keep = _dropout_keep(seed, bh, offs_m0[None, :], (offs_n + start_m * Lk)[:, None],
+                                 Lk, dropout_p)
+            pT = tl.where(keep, pT, -pT)
+            r = 1.0 / (1.0 - dropout_p)
+            dv = tl.dot((tl.maximum(pT, 0.0) * r).to(do.dtype), do, dv,
+                        input_precision=DOT_PREC)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         if HAS_SOFTCAP:
-            dsT = dsT * _softcap_dt(qkT, scale_log2, cap2)
+            pT = pT * dcap
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        if HAS_DROPOUT:  # dS = P (dP_kept / (1 - p) - delta); a dropped entry: -P delta
+            dsT = tl.where(pT > 0.0, pT * (dpT * r - delta[None, :]), pT * delta[None, :])
+        else:
+            dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
     return dk, dv
 
@@ -129,6 +149,7 @@ def _attn_bwd_dkdv(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     kv_ok = (offs_n < seqlen_k)[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + hk * stride_kh + (k0 + offs_n[:, None]) * stride_kn
                 + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
@@ -156,20 +177,20 @@ def _attn_bwd_dkdv(
                 stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
                 offs_n, offs_m0, offs_d, d_ok, lo, mid_lo, seqlen_q, seqlen_k, Lk, diag, wl,
                 wr, scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+                HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, EVEN_D, DOT_PREC)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
             stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
             offs_n, offs_m0, offs_d, d_ok, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl,
             wr, scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT,
-            HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+            HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, EVEN_D, DOT_PREC)
         if HAS_LEFT:  # the left edge of the window
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
                 stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
                 offs_n, offs_m0, offs_d, d_ok, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl,
                 wr, scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, DOT_PREC)
+                HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, BLOCK_M, EVEN_D, DOT_PREC)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn
@@ -186,31 +207,44 @@ def _dq_inner(
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # Blocks of the unmasked loop (not MASKED) lie inside [0, seqlen_k) (``_span``): their
+    # loads need no key mask, which the software pipeliner would otherwise keep per stage.
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < seqlen_k
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=kv_ok, other=0.0)
+        if MASKED:
+            kv_ok = n_ok[:, None] & d_ok[None, :]
+        else:
+            kv_ok = d_ok[None, :]
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if EVEN_D and not MASKED:
+            k = tl.load(k_ptrs)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SOFTCAP:  # d softcap / d score, taken before qk dies
+            dcap = _softcap_dt(qk, scale_log2, cap2)
         s = _scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
                     seqlen_q, seqlen_k, diag, wl, wr, scale_log2, cap2, MASKED, HAS_LEFT,
                     HAS_RIGHT, HAS_SOFTCAP, HAS_MASK, MASK_IS_BOOL)
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if HAS_SOFTCAP and not STORE_DS:  # one tile fewer alive while dP is computed
+            p = p * dcap
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        if STORE_DS:
+        if STORE_DS:  # the bias gradient: dS before the softcap derivative
             tl.store(ds_base + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :], ds,
                      mask=(offs_m < seqlen_q)[:, None] & n_ok[None, :])
-        if HAS_SOFTCAP:
-            ds = ds * _softcap_dt(qk, scale_log2, cap2)
+            if HAS_SOFTCAP:
+                ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
@@ -256,6 +290,7 @@ def _attn_bwd_dq(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     m_ok = offs_m < seqlen_q
     qd_ok = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + (q0 + offs_m[:, None]) * stride_qm
@@ -278,19 +313,19 @@ def _attn_bwd_dq(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             offs_m, offs_n0, offs_d, d_ok, lo, mid_lo, seqlen_q, seqlen_k, Lk, diag, wl, wr,
             scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, DOT_PREC)
+            HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, EVEN_D, DOT_PREC)
     dq = _dq_inner(
         dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, offs_n0, offs_d, d_ok, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, DOT_PREC)
+        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, EVEN_D, DOT_PREC)
     dq = _dq_inner(
         dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, offs_n0, offs_d, d_ok, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, DOT_PREC)
+        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, STORE_DS, BLOCK_N, EVEN_D, DOT_PREC)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q0 + offs_m[:, None]) * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
 
@@ -310,33 +345,58 @@ def _dropout_mask_kernel(
 
 
 # ----------------------------------------------------------------------------- autotuning
-# dK/dV configs that spill registers on sm_90 (scripts/compile_check.py, Triton 3.6 and 3.9,
-# fp16, non-causal, spill = ptxas' stack frame), by head-dim class (BLOCK_D > 64: "wide"):
-# the autotuner never times them. (BLOCK_M, BLOCK_N, num_warps). The forward's and dQ's
-# are pruned by _prune_spilling.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). dK/dV keeps a BLOCK_N-key fp32 dK and dV in
+# registers (2 * BLOCK_N * BLOCK_D / threads each): 128 keys on 8 warps at D=128 already
+# take 128 of the 255 registers, so the query step shrinks (32 -> 16) before the key block
+# does. dQ keeps one (BLOCK_M, BLOCK_D) accumulator.
+_DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
+    (64, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3),
+    (64, 64, 4, 3)])
+_DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
+
+# Configs that spill registers on sm_90 (scripts/compile_check.py, fp16/bf16, Triton 3.9 and
+# 3.6, spill = ptxas' stack frame), by (kernel, head-dim class, flagged): "wide" is
+# BLOCK_D > 64 (D = 80..128), "flagged" a launch with any of the flags below. The
+# autotuner never times them. Worst measured spill in brackets.
+_HEAVY = {"dkdv": ("HAS_MASK", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_LEFT", "IS_VARLEN"),
+          "dq": ("HAS_MASK", "HAS_SOFTCAP", "HAS_LEFT", "STORE_DS")}
 _SPILLS = {
-    ("dkdv", False): {(32, 128, 4)},  # 72-128 B at D=64
-    ("dkdv", True): {(32, 128, 4), (64, 128, 8), (64, 64, 4)},  # 984 / 48 / 176 B, D=128
+    ("dkdv", False, False): {(64, 64, 4, 3)},  # causal [64 B]
+    # mask + dropout + softcap + window (D=64): 64x128 w8 [864 B], 32x128 w8 [128 B],
+    # 32x64 w4 [56 B]; 16x128 w8: 0.
+    ("dkdv", False, True): {(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
+    # causal D=128: 64x128 w8 [440 B], 32x128 w8 [32 B], 32x64 w4 [288 B]; 16x128 w8: 0.
+    ("dkdv", True, False): {(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
+    # the same and 16x128 w8 s3 (8-72 B with dropout / softcap + window / varlen).
+    ("dkdv", True, True): {(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3),
+                           (16, 128, 8, 3)},
+    ("dq", False, False): set(),
+    # bool/float mask + dropout + softcap (+ dS out), D=64: 128x32 w4 [128 B], 128x64 w8
+    # [152 B], 64x64 w4 [40 B, bool mask + dropout].
+    ("dq", False, True): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
+    # D=128: 128x32 w4 [176-320 B]; with a window / softcap 128x64 w8 too [16-64 B].
+    ("dq", True, False): {(128, 32, 4, 3)},
+    ("dq", True, True): {(128, 32, 4, 3), (128, 64, 8, 3)},
 }
 
 
 def _spill_free(kind: str):
-    """An early_config_prune dropping the configs of ``_SPILLS`` for this head dim (all of
-    them kept if nothing would be left, e.g. on other GPUs the table does not describe)."""
+    """An early_config_prune dropping the configs of ``_SPILLS`` for this launch's head-dim
+    class and flags (all of them kept if nothing would be left, e.g. for D=256, where every
+    dK/dV config spills)."""
     def prune(configs, named_args, **kwargs):
-        wide = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)) > 64
-        bad = _SPILLS.get((kind, wide), set())
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in bad]
+        def arg(name, default):
+            return kwargs.get(name, named_args.get(name, default))
+        key = (kind, arg("BLOCK_D", 64) > 64, any(arg(f, False) for f in _HEAVY[kind]))
+        bad = _SPILLS[key]
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) not in bad]
         return kept or configs
     return prune
 
 
-_DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
-    (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)])
-_DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
-    (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _dkdv_kernel = triton.autotune(_DKDV, key=_KEY, prune_configs_by={
     "early_config_prune": _spill_free("dkdv")})(_attn_bwd_dkdv)
-_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"],
-                             prune_configs_by={"early_config_prune": _prune_spilling})(_attn_bwd_dq)
+_dq_kernel = triton.autotune(_DQ, key=_KEY + ["STORE_DS"], prune_configs_by={
+    "early_config_prune": _spill_free("dq")})(_attn_bwd_dq)

@@ -51,6 +51,7 @@ def _scores(
     HAS_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    KEY_BOUND: tl.constexpr = True,  # mask keys past Lk (dK/dV: those rows are never stored)
 ):
     """Scores in base 2 (log2(e) * (softcap(scale * qk) + bias)), -inf where a key does not
     take part. Soft-capping comes before the bias, as in Gemma 2."""
@@ -65,11 +66,18 @@ def _scores(
         else:
             s += tl.load(ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
     if MASKED:
-        ok = kj < Lk
-        if HAS_RIGHT:
-            ok = ok & (kj <= qi + diag + wr)
-        if HAS_LEFT:
-            ok = ok & (kj >= qi + diag - wl)
+        if KEY_BOUND:
+            ok = kj < Lk
+            if HAS_RIGHT:
+                ok = ok & (kj <= qi + diag + wr)
+            if HAS_LEFT:
+                ok = ok & (kj >= qi + diag - wl)
+        elif HAS_RIGHT:  # dK/dV masks only at a window edge: HAS_RIGHT or HAS_LEFT holds
+            ok = kj <= qi + diag + wr
+            if HAS_LEFT:
+                ok = ok & (kj >= qi + diag - wl)
+        else:
+            ok = kj >= qi + diag - wl
         s = tl.where(ok, s, float("-inf"))
     return s
 
