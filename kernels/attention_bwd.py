@@ -350,34 +350,44 @@ def _dropout_mask_kernel(
 # take 128 of the 255 registers, so the query step shrinks (32 -> 16) before the key block
 # does. dQ keeps one (BLOCK_M, BLOCK_D) accumulator.
 _DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
-    (64, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3),
-    (64, 64, 4, 3)])
+    (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2),
+    (32, 64, 4, 3), (64, 64, 4, 3)])
 _DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 
 # Configs that spill registers on sm_90 (scripts/compile_check.py, fp16/bf16, Triton 3.9 and
-# 3.6, spill = ptxas' stack frame), by (kernel, head-dim class, flagged): "wide" is
-# BLOCK_D > 64 (D = 80..128), "flagged" a launch with any of the flags below. The
-# autotuner never times them. Worst measured spill in brackets.
+# 3.6, spill = ptxas' stack frame), by (kernel, head-dim class, flag class): "wide" is
+# BLOCK_D > 64 (D = 80..128); "flags" a launch with any of _HEAVY's flags, else "causal"
+# (HAS_RIGHT alone) or "plain". The autotuner never times them. Worst measured spill in
+# brackets (3.9 / 3.6 where they differ).
 _HEAVY = {"dkdv": ("HAS_MASK", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_LEFT", "IS_VARLEN"),
           "dq": ("HAS_MASK", "HAS_SOFTCAP", "HAS_LEFT", "STORE_DS")}
 _SPILLS = {
-    ("dkdv", False, False): {(64, 64, 4, 3)},  # causal [64 B]
-    # mask + dropout + softcap + window (D=64): 64x128 w8 [864 B], 32x128 w8 [128 B],
-    # 32x64 w4 [56 B]; 16x128 w8: 0.
-    ("dkdv", False, True): {(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
-    # causal D=128: 64x128 w8 [440 B], 32x128 w8 [32 B], 32x64 w4 [288 B]; 16x128 w8: 0.
-    ("dkdv", True, False): {(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)},
+    ("dkdv", False, "plain"): set(),
+    # 64x128 w8 [0 / 88 B], 64x64 w4 [64 B]; 32x128 w8 takes the big-tile place.
+    ("dkdv", False, "causal"): {(64, 128, 8, 3), (64, 64, 4, 3)},
+    # mask + dropout + softcap + window (D=64): 64x128 w8 [864 B], 32x128 w8 [128-176 B],
+    # 16x128 w8 s3 [0 / 8 B], 32x64 w4 [56 B]; 16x128 w8 s2: 0.
+    ("dkdv", False, "flags"): {(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2),
+                               (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)},
+    # D=128: 64x128 w8 [144-440 B], 32x128 w8 [0 plain, 32-48 B causal], 32x64 w4 [24-288 B],
+    # 64x64 w4 [264 B]; 16x128 w8: 0.
+    ("dkdv", True, "plain"): {(64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)},
+    ("dkdv", True, "causal"): {(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2),
+                               (32, 64, 4, 3), (64, 64, 4, 3)},
     # the same and 16x128 w8 s3 (8-72 B with dropout / softcap + window / varlen).
-    ("dkdv", True, True): {(64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3),
-                           (16, 128, 8, 3)},
-    ("dq", False, False): set(),
+    ("dkdv", True, "flags"): {(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2),
+                              (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3)},
+    ("dq", False, "plain"): set(),
+    ("dq", False, "causal"): set(),
     # bool/float mask + dropout + softcap (+ dS out), D=64: 128x32 w4 [128 B], 128x64 w8
     # [152 B], 64x64 w4 [40 B, bool mask + dropout].
-    ("dq", False, True): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
-    # D=128: 128x32 w4 [176-320 B]; with a window / softcap 128x64 w8 too [16-64 B].
-    ("dq", True, False): {(128, 32, 4, 3)},
-    ("dq", True, True): {(128, 32, 4, 3), (128, 64, 8, 3)},
+    ("dq", False, "flags"): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
+    # D=128: 128x32 w4 [176-320 B], 64x64 w4 [0 / 8-32 B]; with a window / softcap / mask
+    # 128x64 w8 too [16-64 B].
+    ("dq", True, "plain"): {(128, 32, 4, 3), (64, 64, 4, 3)},
+    ("dq", True, "causal"): {(128, 32, 4, 3), (64, 64, 4, 3)},
+    ("dq", True, "flags"): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
 }
 
 
@@ -388,8 +398,9 @@ def _spill_free(kind: str):
     def prune(configs, named_args, **kwargs):
         def arg(name, default):
             return kwargs.get(name, named_args.get(name, default))
-        key = (kind, arg("BLOCK_D", 64) > 64, any(arg(f, False) for f in _HEAVY[kind]))
-        bad = _SPILLS[key]
+        cls = "flags" if any(arg(f, False) for f in _HEAVY[kind]) else (
+            "causal" if arg("HAS_RIGHT", False) else "plain")
+        bad = _SPILLS[(kind, arg("BLOCK_D", 64) > 64, cls)]
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) not in bad]
         return kept or configs
