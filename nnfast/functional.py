@@ -212,6 +212,12 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
     ``interleaved=True``: adjacent pairs (2i, 2i+1), Meta's Llama.
     Returns ``(q_rotated, k_rotated)``.
     """
+    try:  # the fast path (see above): every check below, on plain attributes
+        if _fast_rope(q, k, cos, sin, position_ids, offset, interleaved):
+            impl = (_PACKAGES[0] or _load(False)).rope
+            return impl.apply_rotary(q, k, cos, sin, None, offset, interleaved)
+    except _FAST_ERRORS:
+        pass
     C.check_float("q", q)
     C.check_float("k", k)
     C.check_same_dtype("q", q, k=k)
@@ -252,6 +258,25 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
         )
     return _impl("rope", q).apply_rotary(
         q, k, cos, sin, position_ids, offset, bool(interleaved)
+    )
+
+
+def _fast_rope(q, k, cos, sin, position_ids, offset, interleaved) -> bool:
+    """Whether apply_rotary takes the fast path: fp32 q, k, cos, sin on the CPU reference
+    path, no position_ids, and the checks of the full path pass (the reference would
+    broadcast or slice what they reject)."""
+    if position_ids is not None or offset.__class__ is not int or interleaved.__class__ is not bool:
+        return False
+    if q.dtype is not _F32 or k.dtype is not _F32 or cos.dtype is not _F32 \
+            or sin.dtype is not _F32:
+        return False
+    if not (k.is_cpu and cos.is_cpu and sin.is_cpu and cpu_reference(q)):
+        return False
+    qs, ks, cs = q.shape, k.shape, cos.shape
+    return (
+        len(qs) == 4 and len(ks) == 4 and qs[0] == ks[0] and qs[2] == ks[2] and qs[3] == ks[3]
+        and len(cs) == 2 and cs == sin.shape and 0 < 2 * cs[1] <= qs[3]
+        and 0 <= offset and offset + qs[2] <= cs[0]
     )
 
 
