@@ -280,6 +280,36 @@ def test_no_grad_and_compile(device):
     assert max_err(dropped, K.attention(q, k, v, None, 0.0, False, 0.25)) > 0.1
 
 
+@pytest.mark.parametrize("case", ["causal-gqa", "bool-masked-rows"])
+def test_lse_gradient_fp16(monkeypatch, case):
+    """fp16 through the kernels: out, lse and every gradient of the out + lse loss within
+    2x (3x for gradients) of PyTorch's own fp16 error, both judged against fp64."""
+    if "cpu" not in kernel_devices():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    q, k, v, mask, causal, _ = _lse_case(case)
+    q, k, v = (t.half() for t in (q, k, v))
+    gen = torch.Generator().manual_seed(5)
+    g, h = torch.randn(2, 4, 37, 16, generator=gen).half(), torch.randn(2, 4, 37, generator=gen)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        dq, dk, dv = torch.autograd.grad((out, lse), leaves, (g.to(out.dtype), h.to(lse.dtype)))
+        return out, lse, dq, dk, dv
+
+    got = run(lambda *t: sdpa(*t, attn_mask=mask, is_causal=causal, scale=0.25,
+                              enable_gqa=True, return_lse=True), torch.float16)
+    want = run(lambda *t: _math_lse(*t, mask, causal, 0.25), torch.float64)
+    lowp = run(lambda *t: _math_lse(*t, mask, causal, 0.25), torch.float16)
+    fin = torch.isfinite(want[1])
+    assert torch.equal(torch.isneginf(got[1]), ~fin)
+    for i, name in enumerate(["out", "lse", "dq", "dk", "dv"]):
+        a, w, lo = got[i], want[i], lowp[i]
+        if name == "lse":
+            a, w, lo = a[fin], w[fin], lo[fin]
+        close(name, a, w, lo, factor=2.0 if i < 2 else 3.0)
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 def test_lse_gradient_compiles(device):
     """The lse's gradient through torch.compile (the custom ops' fake impls, attention_bwd's
