@@ -287,13 +287,16 @@ def _backward(ctx, grad_out, grad_lse):
     need_ds = bool(attn_mask is not None and attn_mask.dtype != torch.bool
                    and ctx.needs_input_grad[3])
     head, tail = ctx.opts
-    if grad_out is None:  # a loss of lse alone: dP = 0
+    lse_only = grad_out is None
+    if lse_only:  # a loss of lse alone: dP = 0
         grad_out = torch.zeros_like(out)
     dq, dk, dv, ds = attention_bwd(grad_out, q, k, v, out, lse, attn_mask, seed, *ctx.args,
                                    need_ds, *head, *((cu_q, cu_k, *tail) if tail else ()),
                                    grad_lse=grad_lse)
     # dS summed over the mask's broadcast dims: a deterministic torch reduction.
     dbias = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if need_ds else None
+    if lse_only:  # lse does not depend on v: no gradient, as on the reference path
+        dv = None
     return (dq, dk, dv, dbias) + (None,) * (ctx.n_inputs - 4)
 
 
