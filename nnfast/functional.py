@@ -433,7 +433,8 @@ def scaled_dot_product_attention(
     (d = Lk - Lq: the last query sees the last key, as for new tokens against a KV cache);
     it places the causal diagonal and the window.
     ``return_lse``: return ``(out, lse)``, lse the natural log-sum-exp of each row's scores,
-    (B, Hq, Lq) fp32, -inf on fully masked rows; no gradient flows through it.
+    (B, Hq, Lq) fp32, -inf on fully masked rows; differentiable (fully masked rows get no
+    gradient; with dropout it is the undropped softmax's).
     """
     try:
         if _fast_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
@@ -525,7 +526,7 @@ def varlen_attention(
     aligned to the bottom-right of each sequence pair (query i of a sequence sees keys up
     to ``i + Lk_b - Lq_b``). ``softcap``, ``scale``, ``dropout_p`` as in
     ``scaled_dot_product_attention``. Returns ``(total_q, Hq, D)``, or ``(out, lse)`` with
-    ``return_lse`` (lse ``(Hq, total_q)`` fp32, natural log, no gradient).
+    ``return_lse`` (lse ``(Hq, total_q)`` fp32, natural log, differentiable).
     Validation reads ``cu_seqlens_*`` on the host (a device sync) once per tensor: a passed
     check is remembered until the tensor changes in place.
     """

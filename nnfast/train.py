@@ -106,7 +106,7 @@ class TrainConfig:
     top_p: float | None = None
 
     adam_eps: float = 1e-8  # AdamW's epsilon
-    pack_documents: bool = False  # rows of whole EOT-separated documents, no cross-doc attention
+    pack_documents: bool = False  # EOT-separated documents, no cross-doc attention, none dropped
     overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2, sharded)
     activation_checkpointing: bool = False  # fsdp: recompute block activations in backward
