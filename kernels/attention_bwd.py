@@ -360,8 +360,10 @@ _DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
 # BLOCK_D > 64 (D = 80..128); "flags" a launch with any of _HEAVY's flags, else "causal"
 # (HAS_RIGHT alone) or "plain". The autotuner never times them. Worst measured spill in
 # brackets (3.9 / 3.6 where they differ).
-_HEAVY = {"dkdv": ("HAS_MASK", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_LEFT", "IS_VARLEN"),
-          "dq": ("HAS_MASK", "HAS_SOFTCAP", "HAS_LEFT", "STORE_DS")}
+_DKDV_FLAGS = ("HAS_MASK", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_LEFT", "IS_VARLEN")
+_DQ_FLAGS = ("HAS_MASK", "HAS_SOFTCAP", "HAS_LEFT", "STORE_DS")
+_HEAVY = {("dkdv", False): _DKDV_FLAGS, ("dkdv", True): _DKDV_FLAGS,
+          ("dq", False): _DQ_FLAGS, ("dq", True): _DQ_FLAGS + ("IS_VARLEN",)}
 _SPILLS = {
     ("dkdv", False, "plain"): set(),
     # 64x128 w8 [0 / 88 B], 64x64 w4 [64 B]; 32x128 w8 takes the big-tile place.
@@ -383,8 +385,8 @@ _SPILLS = {
     # bool/float mask + dropout + softcap (+ dS out), D=64: 128x32 w4 [128 B], 128x64 w8
     # [152 B], 64x64 w4 [40 B, bool mask + dropout].
     ("dq", False, "flags"): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
-    # D=128: 128x32 w4 [176-320 B], 64x64 w4 [0 / 8-32 B]; with a window / softcap / mask
-    # 128x64 w8 too [16-64 B].
+    # D=128: 128x32 w4 [176-320 B], 64x64 w4 [0 / 8-32 B]; with a window / softcap / mask /
+    # varlen 128x64 w8 too [16-64 B; varlen 0 / 16 B].
     ("dq", True, "plain"): {(128, 32, 4, 3), (64, 64, 4, 3)},
     ("dq", True, "causal"): {(128, 32, 4, 3), (64, 64, 4, 3)},
     ("dq", True, "flags"): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
@@ -398,9 +400,10 @@ def _spill_free(kind: str):
     def prune(configs, named_args, **kwargs):
         def arg(name, default):
             return kwargs.get(name, named_args.get(name, default))
-        cls = "flags" if any(arg(f, False) for f in _HEAVY[kind]) else (
+        wide = arg("BLOCK_D", 64) > 64
+        cls = "flags" if any(arg(f, False) for f in _HEAVY[(kind, wide)]) else (
             "causal" if arg("HAS_RIGHT", False) else "plain")
-        bad = _SPILLS[(kind, arg("BLOCK_D", 64) > 64, cls)]
+        bad = _SPILLS[(kind, wide, cls)]
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) not in bad]
         return kept or configs

@@ -223,6 +223,7 @@ def drive_attention(quick: bool, headline: bool = False) -> None:
                 fwd=False)
             run(torch.float16, D, False, None, 0.0, False, window=(15, 15), fwd=False)
             run(torch.float16, D, True, None, 0.1, False, varlen=True, fwd=False)
+            run(torch.bfloat16, D, True, None, 0.0, False, varlen=True, fwd=False)
         _FIRST_CONFIG_ONLY = False
         return
     if quick:
