@@ -131,6 +131,31 @@ class _Problem:
         return (0, lse.stride(0)) if self.varlen else lse.stride()[:2]
 
 
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether the forward can move these (B, H, L, D) views through TMA descriptors: CUDA
+    sm_90+ (not the interpreter), unit last stride, 16-byte aligned base and strides (every
+    per-(b, h, row) base the kernel forms is then 16-byte aligned too)."""
+    if interpreting() or not all(t.is_cuda for t in ts):
+        return False
+    if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors live in global scratch memory, which Triton asks an allocator
+    for at launch; install a torch one unless the caller set their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bottom_right=False,
          softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     P = _Problem(q, k, mask, seed, dropout_p, is_causal, window, bottom_right, softcap,
@@ -139,11 +164,15 @@ def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bott
     Hq, Hk = q4.shape[1], k4.shape[1]
     out, lse = P.new_out(q)
     o4 = P.view(out)
+    use_tma = _tma_ok(q4, k4, v4, o4)
+    if use_tma:
+        _ensure_allocator()
     grid = lambda META: (triton.cdiv(P.Lq, META["BLOCK_M"]), P.B * Hq)
     _fwd_kernel[grid](
         q4, k4, v4, P.mask, o4, lse, *P.cu, *P.strides(q4), *P.strides(k4), *P.strides(v4),
         *P.strides(o4), *P.m_strides, *P.lse_strides(lse),
-        Hq, P.Lq, P.Lk, Hq // Hk, scale * LOG2E, *P.scalars, *P.buckets, **P.consts)
+        Hq, P.Lq, P.Lk, Hq // Hk, scale * LOG2E, *P.scalars, *P.buckets, **P.consts,
+        USE_TMA=use_tma, SCALE_NEG=scale < 0)
     return out, lse
 
 

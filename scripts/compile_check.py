@@ -275,6 +275,7 @@ def _describe(fn, signature, consts, options) -> str:
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _HEX = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_PRED = re.compile(r"^@!?U?P[T0-9]+\s+")
 
 
 def sass_stats(cubin: bytes) -> dict:
@@ -292,7 +293,8 @@ def sass_stats(cubin: bytes) -> dict:
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True,
                               text=True).stdout
     usage = dict(re.findall(r"(REG|LOCAL|STACK):(\d+)", res))
-    instrs = [(int(a, 16), text.strip()) for a, text in _HEX.findall(sass)]
+    # Without the guard predicate ("@UP1 UTMALDG.2D ..."): TMA copies are issued predicated.
+    instrs = [(int(a, 16), _PRED.sub("", text.strip())) for a, text in _HEX.findall(sass)]
     loops = []
     for addr, text in instrs:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)

@@ -126,6 +126,17 @@ def test_matches_reference_cuda(dtype, causal, D, L):
     _check(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("device,dtype", DD)
+@pytest.mark.parametrize("scale", [-1.0, 0.0])
+def test_negative_and_zero_scale(device, dtype, scale):
+    """PyTorch takes any finite scale. The forward folds the scale into its running max
+    (scale * max(q.k), or scale * min(q.k) when scale < 0): with scores spread over hundreds,
+    a max taken on the wrong side overflows exp2 to inf."""
+    q, k, v = _qkv(device, dtype, 1, 2, 1, 40, 72, 16)
+    q = (8.0 * q).detach().requires_grad_()
+    _check(q, k, v, scale=scale)
+
+
 @requires_cuda
 def test_long_sequence_cuda():
     q, k, v = _qkv("cuda", torch.bfloat16, 1, 4, 1, 4097, 4097, 112)
