@@ -48,6 +48,7 @@ from typing import Optional
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nnfast._backend import interpreting, warn_once
 from nnfast.kernels.attention_bwd import (
@@ -132,9 +133,8 @@ class _Problem:
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
-    """Whether the forward can move these (B, H, L, D) views through TMA descriptors: CUDA
-    sm_90+ (not the interpreter), unit last stride, 16-byte aligned base and strides (every
-    per-(b, h, row) base the kernel forms is then 16-byte aligned too)."""
+    """Whether the forward can read/write these (B, H, L, D) views through TMA descriptors:
+    CUDA sm_90+ (not the interpreter), unit last stride, 16-byte aligned base and strides."""
     if interpreting() or not all(t.is_cuda for t in ts):
         return False
     if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
@@ -143,17 +143,9 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
                and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts)
 
 
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """Device-side descriptors live in global scratch memory, which Triton asks an allocator
-    for at launch; install a torch one unless the caller set their own."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+def _desc(t: torch.Tensor) -> TensorDescriptor:
+    # The tile shape is a placeholder: each autotune config sets its own before launching.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
 
 
 def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bottom_right=False,
@@ -165,11 +157,12 @@ def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bott
     out, lse = P.new_out(q)
     o4 = P.view(out)
     use_tma = _tma_ok(q4, k4, v4, o4)
-    if use_tma:
-        _ensure_allocator()
+    # TMA: descriptors over the views (varlen's output stays a pointer: see attention_fwd).
+    args = ((_desc(q4), _desc(k4), _desc(v4), o4 if P.varlen else _desc(o4)) if use_tma
+            else (q4, k4, v4, o4))
     grid = lambda META: (triton.cdiv(P.Lq, META["BLOCK_M"]), P.B * Hq)
     _fwd_kernel[grid](
-        q4, k4, v4, P.mask, o4, lse, *P.cu, *P.strides(q4), *P.strides(k4), *P.strides(v4),
+        *args[:3], P.mask, args[3], lse, *P.cu, *P.strides(q4), *P.strides(k4), *P.strides(v4),
         *P.strides(o4), *P.m_strides, *P.lse_strides(lse),
         Hq, P.Lq, P.Lk, Hq // Hk, scale * LOG2E, *P.scalars, *P.buckets, **P.consts,
         USE_TMA=use_tma, SCALE_NEG=scale < 0)

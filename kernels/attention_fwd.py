@@ -1,14 +1,17 @@
 """Flash attention forward kernel (one program per query block, looping over key blocks)
 and its autotuning. The maths and the flags are described in ``attention.py``.
 
-Two ways in and out of memory, one kernel (constexpr ``USE_TMA``): tensor descriptors built
-on the device (Hopper's TMA: one bulk copy per tile, no address or mask arithmetic per
-element, rows past the sequence's end read as zeros and never written), or pointers (other
-GPUs, the interpreter, strides TMA cannot take). A descriptor is made per program with the
-bounds of its own (batch, head) or packed sequence, so varlen needs no per-row masks."""
+Two ways in and out of memory, one kernel (constexpr ``USE_TMA``): Hopper's tensor memory
+accelerator through host-built 4-d descriptors over the (B, H, L, D) views (one bulk copy
+per tile, no per-element address or mask arithmetic, reads past a (b, h)'s rows zero-filled
+and writes there dropped), or pointers (other GPUs, strides TMA cannot take). Varlen views
+are (1, H, total, D): a descriptor bounds the whole pack, not a sequence, so there the rows
+past a sequence's end are the next sequence's -- masked out of the scores (and V zeroed on
+the edge blocks), and the output's last partial block is stored through pointers."""
 
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nnfast._backend import interpreting
 from nnfast.kernels.attention_common import (
@@ -37,27 +40,26 @@ def _load(ptrs, n_ok, d_ok, N_MASK: tl.constexpr, D_MASK: tl.constexpr):
 
 
 @triton.jit
-def _tile_desc(base, rows, stride, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """A (rows, HEAD_DIM) descriptor for (BLOCK_ROWS, BLOCK_D) tiles: TMA zero-fills reads
-    past ``rows`` / ``HEAD_DIM`` and drops writes there."""
-    return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride, 1],
-                                     block_shape=[BLOCK_ROWS, BLOCK_D])
+def _desc_tile(desc, b, h, row, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row, row + BLOCK_ROWS) of (b, h) through a 4-d (B, H, L, D) TMA descriptor."""
+    return desc.load([b, h, row, 0]).reshape(BLOCK_ROWS, BLOCK_D)
 
 
 @triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q,
-    k_src, v_src,  # USE_TMA: descriptors; else K / V pointers at this (b, head)'s row 0
+    k_src, v_src,  # USE_TMA: K / V descriptors; else pointers at this (b, head)'s row 0
+    desc_b, hk, k0,  # USE_TMA: the descriptors' batch and head, the sequence's first row
     mask_base,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     offs_m, offs_n0, offs_d,
     lo, hi, seqlen_q, seqlen_k, Lk, diag, wl, wr, scale_log2, cap2, dropout_p, seed, bh,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_TMA: tl.constexpr, SCALE_NEG: tl.constexpr, WARP_SPEC: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, SCALE_NEG: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """Key blocks [lo, hi) (lo a multiple of BLOCK_N). MASKED: bounds / window masking of
     the scores (and of the pointer loads); off, every key of every block is in bounds and
@@ -75,7 +77,7 @@ def _fwd_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         if USE_TMA:
-            kT = k_src.load([start_n, 0]).T  # (BLOCK_D, BLOCK_N)
+            kT = _desc_tile(k_src, desc_b, hk, k0 + start_n, BLOCK_N, BLOCK_D).T
         else:
             kT = _load(k_ptrs, (offs_n < seqlen_k)[None, :], d_ok[:, None], MASKED, D_MASK)
         qk = tl.dot(q, kT, input_precision=DOT_PREC)
@@ -105,7 +107,9 @@ def _fwd_inner(
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
             p = tl.where(keep, p, 0.0)
         if USE_TMA:
-            v = v_src.load([start_n, 0])  # (BLOCK_N, BLOCK_D)
+            v = _desc_tile(v_src, desc_b, hk, k0 + start_n, BLOCK_N, BLOCK_D)
+            if MASKED and IS_VARLEN:  # the next sequence's rows: p is 0 there, V may be inf
+                v = tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
         else:
             v = _load(v_ptrs, (offs_n < seqlen_k)[:, None], d_ok[None, :], MASKED, D_MASK)
             k_ptrs += BLOCK_N * stride_kn
@@ -121,7 +125,7 @@ def _attn_fwd(
     K,  # (B, Hk, Lk, D); varlen: (1, Hk, total_k, D) with stride_kb = 0
     V,  # like K
     Mask,  # broadcast view (B, Hq, Lq, Lk), bool as uint8 or float; unused without HAS_MASK
-    Out,  # like Q
+    Out,  # like Q (USE_TMA and not IS_VARLEN: a descriptor)
     LSE,  # fp32, base 2, element (b, h, i) at b * stride_lb + h * stride_lh + q0 + i
     CuQ, CuK,  # varlen: int32 (B + 1,) cumulative sequence lengths; unused otherwise
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -143,7 +147,7 @@ def _attn_fwd(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_TMA: tl.constexpr,  # Q/K/V/Out through TMA descriptors (unit last stride, 16 B rows)
+    USE_TMA: tl.constexpr,  # Q/K/V (and dense Out) are TMA descriptors of the views
     SCALE_NEG: tl.constexpr,  # scale < 0: the row max of scale * qk is scale * min(qk)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WARP_SPEC: tl.constexpr = False,  # warp-specialised key loop (autotune option)
@@ -163,19 +167,20 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen_q
-    q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qm
-    k_base = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
-    v_base = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
-    o_base = Out + b * stride_ob + h * stride_oh + q0 * stride_om
-    if USE_TMA:
-        q = _tile_desc(q_base, seqlen_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D).load([start_m, 0])
-        k_src = _tile_desc(k_base, seqlen_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
-        v_src = _tile_desc(v_base, seqlen_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D)
+    if USE_TMA:  # Q, K, V, Out are descriptors; varlen's views have one batch entry
+        desc_b = 0 if IS_VARLEN else b.to(tl.int32)
+        h32, hk32 = h.to(tl.int32), hk.to(tl.int32)
+        q0_32, k0_32 = q0.to(tl.int32), k0.to(tl.int32)
+        q = _desc_tile(Q, desc_b, h32, q0_32 + start_m, BLOCK_M, BLOCK_D)
+        k_src = K
+        v_src = V
     else:
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        k_src = k_base
-        v_src = v_base
+        desc_b, h32, hk32, q0_32, k0_32 = 0, 0, 0, 0, 0  # unused
+        q = tl.load(Q + b * stride_qb + h * stride_qh + (q0 + offs_m[:, None]) * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        k_src = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
+        v_src = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
     mask_base = Mask + b * stride_mb + h * stride_mh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -186,37 +191,36 @@ def _attn_fwd(
                                    HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     if HAS_LEFT:  # the left edge of the window
         acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, k_src, v_src, mask_base,
+            acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             offs_m, offs_n0, offs_d, lo, mid_lo, seqlen_q, seqlen_k, Lk, diag, wl, wr,
             scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+            HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
             USE_TMA, SCALE_NEG, False)
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_src, v_src, mask_base,
+        acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, offs_n0, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
         USE_TMA, SCALE_NEG, WARP_SPEC)
     # The diagonal / right edge of the window and the tail, with bounds masking.
     acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, k_src, v_src, mask_base,
+        acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, offs_n0, offs_d, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+        HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
         USE_TMA, SCALE_NEG, False)
     empty = l_i == 0.0  # fully masked row: zero output, lse2 = +inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    out = out.to(Out.dtype.element_ty)
-    if USE_TMA:
-        _tile_desc(o_base, seqlen_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D).store([start_m, 0],
-                                                                                   out)
-    else:
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out,
+    if USE_TMA and not IS_VARLEN:  # rows past Lq are dropped by TMA
+        Out.store([desc_b, h32, start_m, 0], out.to(Out.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:  # varlen: a descriptor's partial block would write over the next sequence
+        tl.store(Out + b * stride_ob + h * stride_oh + (q0 + offs_m[:, None]) * stride_om
+                 + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + b * stride_lb + h * stride_lh + q0 + offs_m, lse, mask=m_ok)
@@ -239,6 +243,17 @@ def _prune_fwd(configs, named_args, **kwargs):
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)]
     return _prune_spilling(kept, named_args, **kwargs) or configs
 
+
+def _tma_block_shapes(nargs):
+    """Pre-launch hook: a host descriptor carries its tile shape, so each config sets its own
+    on the descriptors of the call (pointer arguments are left alone)."""
+    for name, rows in (("Q", "BLOCK_M"), ("K", "BLOCK_N"), ("V", "BLOCK_N"), ("Out", "BLOCK_M")):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+
+
+for _c in _FWD:
+    _c.pre_hook = _tma_block_shapes
 
 # The memory path is part of the key: TMA and pointer loads may favour different tiles.
 _fwd_kernel = triton.autotune(_FWD, key=[*_KEY, "USE_TMA"],

@@ -69,7 +69,7 @@ _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 def _jit_run(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs}
-    _record(self, args, kwargs, [({}, options)])
+    _record(self, args, kwargs, [({}, options, None)])
 
 
 def _autotune_run(self, *args, **kwargs):
@@ -84,7 +84,8 @@ def _autotune_run(self, *args, **kwargs):
     while not isinstance(fn, JITFunction):  # autotune(heuristics(jit(...)))
         fn = fn.fn
     _record(fn, args, kwargs, [
-        (dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs])
+        (dict(c.kwargs), {"num_warps": c.num_warps, "num_stages": c.num_stages}, c.pre_hook)
+        for c in configs])
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -252,7 +253,9 @@ def _jobs(launches: list[dict], first_config_only: bool) -> list[tuple]:
         fn = launch["fn"]
         configs = launch["configs"][:1] if first_config_only else launch["configs"]
         variant = None
-        for cfg, options in configs:
+        for cfg, options, pre_hook in configs:
+            if pre_hook:  # e.g. the tile shape of TMA descriptor arguments
+                pre_hook({**dict(zip(fn.arg_names, launch["args"])), **launch["kwargs"], **cfg})
             sig, consts, attrs = _bind(fn, launch["args"], launch["kwargs"], cfg, options)
             key = (fn.__name__, tuple(sig.items()), str(sorted(consts.items())), str(attrs),
                    tuple(sorted(options.items())))
