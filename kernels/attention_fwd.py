@@ -233,35 +233,37 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------- autotuning
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs too big for shared memory at large head
 # dims fail to compile and are dropped by the autotuner. 128 x 128 comes with 3 and 2 stages:
-# at head dim 128 three fill the H100's shared memory (225 KB of 227), two leave room.
+# at head dim 128 three fill the H100's shared memory (225 KB of 227), two leave room. The
+# first config left after pruning is what `compile_check.py --quick` compiles: 128 x 64 w4
+# at head dim 64, 128 x 128 w8 at 128 (the headline tiles of its loop bounds).
 _FWD = _configs([(32, 16, 4, 1)] if interpreting() else [
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+    (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
     (128, 32, 4, 4), (64, 32, 4, 2), (16, 128, 4, 3), (16, 64, 4, 2)])
 
 
-def _spills(c, block_d: int, tma: bool, dropout: bool, mask: bool, edges: bool,
-            varlen: bool) -> bool:
+def _spills(c, block_d: int, tma: bool, dropout: bool, mask: bool, edges: bool) -> bool:
     """Configs that spill registers on sm_90 (ptxas via scripts/compile_check.py, Triton 3.6
     and 3.9, fp16/bf16). A 128- or 256-wide head block holds more of Q and the accumulator
     (16-424 B spilled beyond these limits). Dropout's philox draws one 32-bit number per
     score, so its tiles must hold few scores per thread (8-1192 B). The pointer path keeps
-    addresses and masks in registers too: at 64 scores a thread its masked variants spill
-    8-24 B (a mask, varlen, the window/causal edges at head dim 128). At head dim 256 its
-    varlen, mask and dropout variants spill 16-48 B in every config; 64 x 32, the least,
-    is kept."""
+    addresses and masks in registers too: at 64 scores a thread it spills 8-64 B (128 x 64
+    w4 even unmasked with Triton 3.9; 128 x 128 with a mask, or at head dim 128 with the
+    window/causal edges or 2 stages). At head dim 256 it spills 8-48 B in every config (3.9;
+    3.6 only with varlen, a mask or dropout); 64 x 32, the least, is kept."""
     m, n, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
     per_thread = m * n // (32 * w)
     big_d = block_d >= 128
     if (big_d and m == 128 and w == 4) or (block_d >= 256 and per_thread > 16):
         return True
-    if dropout:
-        return per_thread > (16 if big_d or n < 64 else 32)
+    if dropout:  # (and the pointer path's decode tile 16 x 128 at a 128-wide head block)
+        pointer_decode = not tma and big_d and (m, n) == (16, 128)
+        return pointer_decode or per_thread > (16 if big_d or n < 64 else 32)
     if tma:
         return False
-    if (m, n, w) == (128, 128, 8):
-        return mask or (big_d and edges)
     if (m, n, w) == (128, 64, 4):
-        return mask or varlen
+        return True
+    if (m, n, w) == (128, 128, 8):
+        return mask or (big_d and (edges or c.num_stages == 2))
     return (m, n, w) == (64, 64, 4) and mask and big_d
 
 
@@ -275,8 +277,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     kept = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)]
     flags = dict(block_d=arg("BLOCK_D", 0), tma=bool(arg("USE_TMA", False)),
                  dropout=bool(arg("HAS_DROPOUT", False)), mask=bool(arg("HAS_MASK", False)),
-                 edges=bool(arg("HAS_RIGHT", False) or arg("HAS_LEFT", False)),
-                 varlen=bool(arg("IS_VARLEN", False)))
+                 edges=bool(arg("HAS_RIGHT", False) or arg("HAS_LEFT", False)))
     kept = [c for c in kept if not _spills(c, **flags)]
     return _prune_spilling(kept, named_args, **kwargs) or configs
 
