@@ -134,8 +134,10 @@ class _Problem:
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
     """Whether the forward can read/write these (B, H, L, D) views through TMA descriptors:
-    CUDA sm_90+ (not the interpreter), unit last stride, 16-byte aligned base and strides."""
-    if interpreting() or not all(t.is_cuda for t in ts):
+    CUDA sm_90+ (not the interpreter), fp16/bf16, unit last stride, 16-byte aligned base and
+    strides. fp32 keeps pointers: its exact (ieee) dot runs on the CUDA cores, not HGMMA, and
+    spills several KB more through descriptors (scripts/compile_check.py)."""
+    if interpreting() or not all(t.is_cuda for t in ts) or ts[0].element_size() != 2:
         return False
     if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
         return False

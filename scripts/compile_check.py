@@ -199,7 +199,9 @@ def drive_attention(quick: bool) -> None:
             extra.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=Lq - 60,
                          max_seqlen_k=Lk - 60)
             lse = _t(Hq, Lq, dtype=torch.float32)
-        # The launcher takes the TMA path for aligned CUDA tensors on sm_90+; these are CPU.
+        # The launcher takes the TMA path for aligned fp16/bf16 CUDA tensors on sm_90+; these
+        # are CPU, so its check is stood in for (fp32 never takes it).
+        tma = tma and dtype != torch.float32
         tma_ok, m._tma_ok = m._tma_ok, lambda *ts: tma
         try:
             m._fwd(q, k, v, mask, seed, p, causal, D**-0.5, **extra)
