@@ -28,6 +28,8 @@ Backward. With P = softmax(S), dropout keep mask Z and r = 1 / (1 - p_drop):
     dS = P * (dP - delta)  with  delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id,
     dQ = scale * dS K,  dK = scale * dS^T Q,  dBias = dS (summed to the mask's shape).
 With softcap, S = c * tanh(scale * q.k / c) + bias and dQ, dK take dS * (1 - tanh^2).
+A gradient dlse of the returned log-sum-exp adds dlse_i * P_ij to dS_ij (d lse_i / d S_ij =
+P_ij, the undropped softmax), i.e. delta_i -> delta_i - dlse_i: one torch op in the launcher.
 dK/dV: one program per key block, looping over the q heads of its GQA group and over query
 blocks; dQ (and dS) in a separate pass per query block looping over key blocks. Every
 gradient element is written by exactly one program: no atomics, bitwise deterministic.
@@ -173,7 +175,7 @@ def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bott
 
 def _bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, need_ds,
          window=(-1, -1), bottom_right=False, softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-         max_seqlen_q=0, max_seqlen_k=0):
+         max_seqlen_q=0, max_seqlen_k=0, grad_lse=None):
     P = _Problem(q, k, mask, seed, dropout_p, is_causal, window, bottom_right, softcap,
                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     q4, k4, v4, o4, do4 = P.view(q), P.view(k), P.view(v), P.view(out), P.view(do)
@@ -184,6 +186,12 @@ def _bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, need_ds
     _attn_bwd_delta[(triton.cdiv(o4.shape[2], block), o4.shape[0] * Hq)](
         o4, do4, delta, *o4.stride(), *do4.stride(), Hq, o4.shape[2],
         HEAD_DIM=D, BLOCK_D=P.consts["BLOCK_D"], BLOCK_M=block)
+    if grad_lse is not None:
+        # The lse's gradient: d lse_i / d s_ij = p_ij, so dS = P * (dP - delta + dlse) and
+        # the kernels take it as delta - dlse. grad_lse is w.r.t. the base-2 lse2 they
+        # return, lse = ln(2) lse2, so dL/dlse = grad_lse * log2(e); fully masked rows
+        # (lse2 = +inf, P = 0) get none.
+        delta -= torch.where(torch.isposinf(lse), 0.0, grad_lse.float() * LOG2E)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -270,10 +278,11 @@ def attention_bwd(
     cu_seqlens_k: Optional[torch.Tensor] = None,  # noqa: UP045
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    grad_lse: Optional[torch.Tensor] = None,  # noqa: UP045 (the gradient of lse, if it has one)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(grad_out, q, k, v, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
                 need_ds, (window_left, window_right), bottom_right, softcap, cu_seqlens_q,
-                cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                cu_seqlens_k, max_seqlen_q, max_seqlen_k, grad_lse)
 
 
 @attention_bwd.register_fake
@@ -287,7 +296,9 @@ def _(grad_out, q, k, v, out, lse, attn_mask, seed, dropout_p, is_causal, scale,
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, seed, dropout_p, is_causal, scale, *opts = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    # An output the loss does not use gets a None gradient, not zeros: without return_lse
+    # (or when the loss ignores lse, or ignores out) the backward does no extra work.
+    ctx.set_materialize_grads(False)
     cu_q, cu_k = (opts[4], opts[5]) if len(opts) > 4 else (None, None)
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed, cu_q, cu_k)
     ctx.args = (dropout_p, is_causal, scale)
@@ -300,10 +311,16 @@ def _backward(ctx, grad_out, grad_lse):
     need_ds = bool(attn_mask is not None and attn_mask.dtype != torch.bool
                    and ctx.needs_input_grad[3])
     head, tail = ctx.opts
+    lse_only = grad_out is None
+    if lse_only:  # a loss of lse alone: dP = 0
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, ds = attention_bwd(grad_out, q, k, v, out, lse, attn_mask, seed, *ctx.args,
-                                   need_ds, *head, *((cu_q, cu_k, *tail) if tail else ()))
+                                   need_ds, *head, *((cu_q, cu_k, *tail) if tail else ()),
+                                   grad_lse=grad_lse)
     # dS summed over the mask's broadcast dims: a deterministic torch reduction.
     dbias = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if need_ds else None
+    if lse_only:  # lse does not depend on v: no gradient, as on the reference path
+        dv = None
     return (dq, dk, dv, dbias) + (None,) * (ctx.n_inputs - 4)
 
 
@@ -365,7 +382,8 @@ def attention(
     ``window`` = (left, right) keys around the diagonal, -1 = unbounded; the diagonal is
     top-left (query i at key i) or, with ``bottom_right``, at key ``i + Lk - Lq``.
     ``softcap`` > 0: scores ``softcap * tanh(scale * q.k / softcap)``. ``return_lse``: also
-    the natural log-sum-exp (B, Hq, Lq) fp32 of each row (no gradient flows through it).
+    the natural log-sum-exp (B, Hq, Lq) fp32 of each row, differentiable (-inf and no
+    gradient on fully masked rows; with dropout, that of the undropped softmax).
 
     Without grad mode or inputs requiring grad, the custom op's autograd layer is bypassed:
     nothing is saved and the log-sum-exp is dropped right away."""
@@ -403,7 +421,8 @@ def varlen_attention(
     k/v (total_k, Hk, D), sequence b at rows ``cu_seqlens[b] : cu_seqlens[b + 1]``; causal
     and window aligned bottom-right per sequence (flash-attention's varlen). One program per
     (query block of the longest sequence, sequence, head): blocks past a sequence's end exit
-    at once, so no padding is ever computed. lse: (Hq, total_q) fp32, natural log."""
+    at once, so no padding is ever computed. lse: (Hq, total_q) fp32, natural log,
+    differentiable as ``attention``'s."""
     n_programs = (cu_seqlens_q.numel() - 1) * q.shape[1]
     why = _why_reference(q, k, n_programs, max_seqlen_q, max_seqlen_k, dropout_p)
     if why is not None:

@@ -104,7 +104,10 @@ def _raw_backend():
 def use_triton(tensor: torch.Tensor) -> bool:
     """Decide the path for an op whose inputs live on ``tensor.device``."""
     raw = _raw_backend()
-    if raw != _Cache.raw:
+    # Identity, not ==: torch.compile cannot compare a str with the sentinel object (a
+    # model compiled before any eager call would break its graph here); a new value
+    # object is re-parsed, which an unchanged environment never produces outside compile.
+    if raw is not _Cache.raw:
         value = os.environ.decodevalue(raw) if isinstance(raw, bytes) else raw
         _Cache.choice = _parse(value)  # a bad value raises on every call until it is fixed
         _Cache.by_type = {}
@@ -114,6 +117,35 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if ok is None:  # an impossible forced choice raises here, uncached, on every call
         ok = _Cache.by_type[kind] = _decide(_Cache.choice, tensor.device)
     return ok
+
+
+class _CpuCache:
+    """The ``NNFAST_BACKEND`` object last seen by ``cpu_reference`` and whether CPU tensors
+    take the reference under it. ``raw`` starts as a sentinel no environment value is."""
+
+    raw: object = object()
+    reference: bool = False
+
+
+_CPU = torch.empty(0)
+_FAST_ENV = _ENV is not None and _KEY is not None
+
+
+def cpu_reference(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a CPU tensor that takes the reference path now: the question
+    of nnfast.functional's fast paths, asked on every call. While ``NNFAST_BACKEND`` stays
+    as it was, its value in the environment's mapping is the same object, so the answer is
+    an identity test away (~0.3 us, where ``use_triton`` costs ~0.9 us); a new value (set
+    any time, by a user or a test) is decided once by ``use_triton``, which also raises for
+    an impossible forced choice, uncached, on every call. Traceable by torch.compile (a
+    dict read, guarded)."""
+    if not tensor.is_cpu:
+        return False
+    raw = _ENV.get(_KEY) if _FAST_ENV else os.environ.get("NNFAST_BACKEND")
+    if raw is not _CpuCache.raw:
+        reference = not use_triton(_CPU)
+        _CpuCache.raw, _CpuCache.reference = raw, reference
+    return _CpuCache.reference
 
 
 @functools.cache

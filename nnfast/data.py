@@ -70,13 +70,15 @@ class CharTokenizer:
         # Vectorized: code points through a lookup table (a Python loop costs ~1 s per MB).
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
-        table = np.full(int(max(codes.max(initial=0), points.max(initial=0))) + 1, -1, np.int64)
+        # int32 ids (-1: not in the vocabulary), then the smallest dtype that holds them:
+        # a char corpus lives in memory for the whole run, 2 bytes a token rather than 8.
+        table = np.full(int(max(codes.max(initial=0), points.max(initial=0))) + 1, -1, np.int32)
         table[codes] = np.arange(len(codes))
         ids = table[points]
         if (ids < 0).any():
             bad = sorted({chr(p) for p in points[ids < 0][:1000]})
             raise DataError(f"characters not in the char tokenizer's vocabulary: {bad[:10]!r}")
-        return ids
+        return ids.astype(np.uint16) if len(codes) <= 1 << 16 else ids
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)

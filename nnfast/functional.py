@@ -11,7 +11,7 @@ import math
 import torch
 
 from nnfast import _checks as C
-from nnfast._backend import use_triton
+from nnfast._backend import cpu_reference, use_triton
 
 # Largest normalized size the norm kernels take: one row must fit in one program.
 MAX_NORM_SIZE = 65536
@@ -55,6 +55,38 @@ def _load(kernel: bool):
 
     _PACKAGES[0] = nnfast.reference
     return nnfast.reference
+
+
+# ----------------------------------------------------------------------------- fast paths
+# The usual call on a CPU (fp32, the reference path) costs a few attribute reads more than
+# the plain torch op (issue 16): cheap type tests, then the reference's own op. Shapes and
+# devices are left to that op, which raises on any mismatch the full checks reject; the
+# error sends the call down the full path, whose checks raise nnfast's message naming the
+# argument (or which raises torch's error again). What the torch op would accept but nnfast
+# rejects (dtypes, shapes it broadcasts, sizes over a kernel's limit) is tested before.
+_F32, _I64 = torch.float32, torch.int64
+_F32_EPS = torch.finfo(torch.float32).eps  # rms_norm's eps=None, as torch's for fp32 math
+_FAST_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError)
+_silu, _gelu = torch._C._nn.silu, torch._C._nn.gelu  # F.silu / F.gelu without the wrapper
+_linear, _ce_loss = torch._C._nn.linear, torch._C._nn.cross_entropy_loss
+
+
+def _fast_norm(x, normalized_shape, weight, bias) -> int:
+    """``n`` when a norm call takes the fast path: fp32 ``x`` on the CPU reference path, one
+    normalized dim of size 1 < n <= MAX_NORM_SIZE (n = 1 is the reference's exact special
+    case), fp32 CPU parameters or None; else 0. Every tensor's device is tested: torch
+    computes CPU with meta tensors without complaint."""
+    n = normalized_shape
+    if n.__class__ is tuple:
+        if len(n) != 1:
+            return 0
+        n = n[0]
+    if n.__class__ is not int or not 1 < n <= MAX_NORM_SIZE or x.dtype is not _F32:
+        return 0
+    if (weight is not None and (weight.dtype is not _F32 or not weight.is_cpu)) or (
+            bias is not None and (bias.dtype is not _F32 or not bias.is_cpu)):
+        return 0
+    return n if cpu_reference(x) else 0
 
 
 # ----------------------------------------------------------------------------- norms
@@ -115,22 +147,54 @@ def _check_norm(x, normalized_shape, weight, bias, residual) -> int:
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm``: y = x / sqrt(mean(x^2) + eps) * weight."""
+    try:  # the fast path (see above): the reference's op on fp32 rows
+        n = _fast_norm(input, normalized_shape, weight, None)
+        if n:
+            return torch.rms_norm(input, (n,), weight, _F32_EPS if eps is None else float(eps))
+    except _FAST_ERRORS:
+        pass
     return _norm(input, normalized_shape, weight, None, eps, True, None)[0]
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm``."""
+    try:
+        n = _fast_norm(input, normalized_shape, weight, bias)
+        if n:
+            return torch.layer_norm(input, (n,), weight, bias, float(eps))
+    except _FAST_ERRORS:
+        pass
     return _norm(input, normalized_shape, weight, bias, eps, False, None)[0]
+
+
+def _fast_residual(x, residual) -> bool:
+    """The residual of a fast-path norm: fp32 on the CPU, x's shape (the add would broadcast
+    others)."""
+    return residual.dtype is _F32 and x.shape == residual.shape and residual.is_cpu
 
 
 def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
     """Pre-norm blocks: ``s = input + residual`` and ``rms_norm(s)`` in one pass.
     Returns ``(normed, s)``."""
+    try:
+        n = _fast_norm(input, normalized_shape, weight, None)
+        if n and _fast_residual(input, residual):
+            s = input + residual
+            return torch.rms_norm(s, (n,), weight, _F32_EPS if eps is None else float(eps)), s
+    except _FAST_ERRORS:
+        pass
     return _norm(input, normalized_shape, weight, None, eps, True, residual)
 
 
 def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``s = input + residual`` and ``layer_norm(s)`` in one pass. Returns ``(normed, s)``."""
+    try:
+        n = _fast_norm(input, normalized_shape, weight, bias)
+        if n and _fast_residual(input, residual):
+            s = input + residual
+            return torch.layer_norm(s, (n,), weight, bias, float(eps)), s
+    except _FAST_ERRORS:
+        pass
     return _norm(input, normalized_shape, weight, bias, eps, False, residual)
 
 
@@ -148,6 +212,12 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
     ``interleaved=True``: adjacent pairs (2i, 2i+1), Meta's Llama.
     Returns ``(q_rotated, k_rotated)``.
     """
+    try:  # the fast path (see above): every check below, on plain attributes
+        if _fast_rope(q, k, cos, sin, position_ids, offset, interleaved):
+            impl = (_PACKAGES[0] or _load(False)).rope
+            return impl.apply_rotary(q, k, cos, sin, None, offset, interleaved)
+    except _FAST_ERRORS:
+        pass
     C.check_float("q", q)
     C.check_float("k", k)
     C.check_same_dtype("q", q, k=k)
@@ -191,6 +261,25 @@ def apply_rotary(q, k, cos, sin, *, position_ids=None, offset=0, interleaved=Fal
     )
 
 
+def _fast_rope(q, k, cos, sin, position_ids, offset, interleaved) -> bool:
+    """Whether apply_rotary takes the fast path: fp32 q, k, cos, sin on the CPU reference
+    path, no position_ids, and the checks of the full path pass (the reference would
+    broadcast or slice what they reject)."""
+    if position_ids is not None or offset.__class__ is not int or interleaved.__class__ is not bool:
+        return False
+    if q.dtype is not _F32 or k.dtype is not _F32 or cos.dtype is not _F32 \
+            or sin.dtype is not _F32:
+        return False
+    if not (k.is_cpu and cos.is_cpu and sin.is_cpu and cpu_reference(q)):
+        return False
+    qs, ks, cs = q.shape, k.shape, cos.shape
+    return (
+        len(qs) == 4 and len(ks) == 4 and qs[0] == ks[0] and qs[2] == ks[2] and qs[3] == ks[3]
+        and len(cs) == 2 and cs == sin.shape and 0 < 2 * cs[1] <= qs[3]
+        and 0 <= offset and offset + qs[2] <= cs[0]
+    )
+
+
 # ----------------------------------------------------------------------------- gated MLP
 def _act(x, up, activation):
     C.check_float("gate" if up is not None else "input", x)
@@ -212,6 +301,12 @@ def _need_up(up) -> None:
 
 def silu_mul(gate, up):
     """SwiGLU's ``silu(gate) * up``, fused forward and backward."""
+    try:  # the fast path (see above)
+        if gate.dtype is _F32 and up.dtype is _F32 and gate.shape == up.shape and up.is_cpu \
+                and cpu_reference(gate):
+            return _silu(gate) * up
+    except _FAST_ERRORS:
+        pass
     _need_up(up)
     return _act(gate, up, "silu")
 
@@ -226,6 +321,12 @@ def gelu_mul(gate, up, approximate="tanh"):
 
 def gelu(input, approximate="none"):
     """``torch.nn.functional.gelu`` through the same kernel (GPT-2's MLP uses ``'tanh'``)."""
+    try:
+        if input.dtype is _F32 and (approximate == "none" or approximate == "tanh") \
+                and cpu_reference(input):
+            return _gelu(input, approximate=approximate)
+    except _FAST_ERRORS:
+        pass
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     return _act(input, None, "gelu_tanh" if approximate == "tanh" else "gelu")
@@ -332,8 +433,18 @@ def scaled_dot_product_attention(
     (d = Lk - Lq: the last query sees the last key, as for new tokens against a KV cache);
     it places the causal diagonal and the window.
     ``return_lse``: return ``(out, lse)``, lse the natural log-sum-exp of each row's scores,
-    (B, Hq, Lq) fp32, -inf on fully masked rows; no gradient flows through it.
+    (B, Hq, Lq) fp32, -inf on fully masked rows; differentiable (fully masked rows get no
+    gradient; with dropout it is the undropped softmax's).
     """
+    try:
+        if _fast_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                           window_size, softcap, causal_alignment, return_lse):
+            if scale is None:
+                scale = 1.0 / math.sqrt(query.shape[-1])
+            impl = (_PACKAGES[0] or _load(False)).attention
+            return impl.attention(query, key, value, None, 0.0, is_causal, scale)
+    except _FAST_ERRORS:
+        pass
     dropout_p, scale = _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as in PyTorch)")
@@ -348,6 +459,24 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
         window=window, bottom_right=causal_alignment == "bottom_right", softcap=cap,
         return_lse=bool(return_lse),
+    )
+
+
+def _fast_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, window_size, softcap,
+                    causal_alignment, return_lse) -> bool:
+    """Whether an attention call takes the fast path: fp32 q, k, v of one 4-D shape on the
+    CPU reference path (so Lq == Lk, where bottom-right alignment is top-left), no mask,
+    dropout, window, softcap or lse, a positive finite scale or None."""
+    return (
+        attn_mask is None and dropout_p.__class__ is float and dropout_p == 0.0
+        and is_causal.__class__ is bool and return_lse is False
+        and (scale is None or scale.__class__ is float and 0.0 < scale < math.inf)
+        and (window_size is None or window_size == (-1, -1))
+        and (softcap is None or softcap.__class__ is float and softcap == 0.0)
+        and (causal_alignment == "top_left" or causal_alignment == "bottom_right")
+        and q.dtype is _F32 and k.dtype is _F32 and v.dtype is _F32
+        and q.shape == k.shape == v.shape and q.dim() == 4
+        and 0 < q.shape[3] <= MAX_HEAD_DIM and k.is_cpu and v.is_cpu and cpu_reference(q)
     )
 
 
@@ -397,7 +526,7 @@ def varlen_attention(
     aligned to the bottom-right of each sequence pair (query i of a sequence sees keys up
     to ``i + Lk_b - Lq_b``). ``softcap``, ``scale``, ``dropout_p`` as in
     ``scaled_dot_product_attention``. Returns ``(total_q, Hq, D)``, or ``(out, lse)`` with
-    ``return_lse`` (lse ``(Hq, total_q)`` fp32, natural log, no gradient).
+    ``return_lse`` (lse ``(Hq, total_q)`` fp32, natural log, differentiable).
     Validation reads ``cu_seqlens_*`` on the host (a device sync) once per tensor: a passed
     check is remembered until the tensor changes in place.
     """
@@ -459,6 +588,15 @@ def linear_cross_entropy(
     ``input`` ``(N, C)`` (or ``(..., C)``), ``weight`` ``(V, C)``, ``target`` ``(N,)`` int.
     ``accum_dtype``: dtype the kernel accumulates the weight's gradient in across chunks
     (default the weight's; ``torch.float32`` costs a (V, C) fp32 buffer)."""
+    try:  # the fast path (see above): (N, C) fp32 rows, int64 targets, the mean
+        if _fast_ce(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+                    accum_dtype):
+            loss = _ce_loss(_linear(input, weight), target, None, 1, ignore_index,
+                            label_smoothing)
+            if not math.isnan(loss.detach()):  # NaN: maybe a mean over no target (below)
+                return loss
+    except _FAST_ERRORS:  # an out-of-range target is torch's IndexError: the checks below
+        pass
     C.check_float("input", input)
     C.check_float("weight", weight)
     C.check_same_device("input", input, weight=weight, target=target, bias=bias)
@@ -472,6 +610,23 @@ def linear_cross_entropy(
     args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
     return _ce_dispatch("linear_cross_entropy", input, target, weight.shape[0], ignore_index,
                         args, accum_dtype)
+
+
+def _fast_ce(x, weight, target, bias, ignore_index, reduction, label_smoothing,
+             accum_dtype) -> bool:
+    """Whether linear_cross_entropy takes the fast path: the reference's own ops on fp32
+    (N, C) rows, a (V, C) fp32 weight and int64 targets on the CPU reference path, no bias,
+    the mean, a smoothing in [0, 1) (torch takes 1 too). Not while torch.compile traces,
+    where the reference takes its graph-friendly mean."""
+    return (
+        bias is None and accum_dtype is None and reduction == "mean"
+        and ignore_index.__class__ is int and label_smoothing.__class__ is float
+        and 0.0 <= label_smoothing < 1.0
+        and x.dtype is _F32 and weight.dtype is _F32 and target.dtype is _I64
+        and x.dim() == 2 and weight.dim() == 2 and weight.is_cpu and target.is_cpu
+        and cpu_reference(x)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _ce_dispatch(name, input, target, n_classes, ignore_index, args, *extra):

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import json
 import math
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 import typing
 from collections import deque
@@ -102,7 +106,7 @@ class TrainConfig:
     top_p: float | None = None
 
     adam_eps: float = 1e-8  # AdamW's epsilon
-    pack_documents: bool = False  # rows of whole EOT-separated documents, no cross-doc attention
+    pack_documents: bool = False  # EOT-separated documents, no cross-doc attention, none dropped
     overwrite: bool = False  # start afresh in a folder holding a run (deletes its files)
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2, sharded)
     activation_checkpointing: bool = False  # fsdp: recompute block activations in backward
@@ -273,36 +277,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# The child that draws loss.png runs nnfast/plot.py by path: ``-m nnfast.plot`` would import
+# nnfast, and with it torch, into the child.
+_PLOT_SCRIPT = Path(__file__).with_name("plot.py")
+_RUN_PATH = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
+
+
 def plot_metrics(metrics: Path, png: Path) -> bool:
-    """loss.png from metrics.jsonl; False when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    """loss.png from metrics.jsonl, drawn in a child process (``nnfast/plot.py``); False when
+    matplotlib is not installed or the plot failed (a lost plot never costs the run)."""
+    if importlib.util.find_spec("matplotlib") is None:
         return False
     try:
         rows = read_metrics(metrics)
     except RunFolderError:  # a damaged history costs the plot, never the run
         return False
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)  # an Agg canvas without touching pyplot's global backend
-    ax = fig.add_subplot()
-    for key, label in (("loss", "train"), ("val_loss", "val")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper left")
-    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
-    if hs:  # accuracy on its own scale, on the right
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*hs), color="tab:green", marker=".", label="hellaswag acc_norm")
-        ax2.set_ylabel("accuracy")
-        ax2.legend(loc="upper right")
-    ax.grid(alpha=0.3)
-    fig.savefig(png, dpi=100)
-    return True
+    cmd = [sys.executable, "-c", _RUN_PATH, str(_PLOT_SCRIPT), str(png)]
+    try:
+        res = subprocess.run(cmd, input=json.dumps(rows), text=True, capture_output=True,
+                             timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0
 
 
 # ----------------------------------------------------------------------------- training

@@ -105,15 +105,90 @@ def test_window_model_is_config_and_differs_from_global(monkeypatch):
         DecoderConfig(attn_softcap=-1.0)
 
 
-def test_document_batches_rows_start_at_documents():
-    lens = [3, 30, 7, 12, 40, 5, 9, 20]
-    shard = np.concatenate([np.r_[EOT, np.arange(1, n)] for n in lens]).astype(np.uint16)
-    b = packing.DocumentBatches([shard], 16, 8, seed=1, eot=EOT)
-    for _ in range(5):
+def _id_shard(lens, first=1):
+    """Documents [EOT, ids...] with every non-EOT token unique (ids from ``first`` up), so a
+    target identifies its corpus position."""
+    docs, nxt = [], first
+    for n in lens:
+        docs.append(np.r_[EOT, np.arange(nxt, nxt + n - 1)])
+        nxt += n - 1
+    return np.concatenate(docs).astype(np.int64)
+
+
+def _epoch_targets(b, n_steps):
+    """Every (input, target) pair and document the batches give in ``n_steps``, with checks
+    that hold for every row: y is x shifted, cu_seqlens cut at row starts and EOTs."""
+    pairs, T = [], b.block_size
+    for _ in range(n_steps):
         x, y, cu, m = b.next()
-        assert (x[:, 0] == EOT).all()  # every row begins with a whole document
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        assert cu[0] == 0 and cu[-1] == x.numel() and m == int((cu[1:] - cu[:-1]).max())
+        assert torch.equal(x[:, 1:][y[:, :-1] != packing.IGNORE],
+                           y[:, :-1][y[:, :-1] != packing.IGNORE])
+        starts = set(cu[:-1].tolist())
+        want = {r * T for r in range(x.shape[0])} | set(torch.nonzero(x.flatten() == EOT)
+                                                       .flatten().tolist())
+        assert starts == want and cu[-1] == x.numel()
+        assert m == int((cu[1:] - cu[:-1]).max()) <= T
+        keep = y != packing.IGNORE
+        pairs += list(zip(x[keep].tolist(), y[keep].tolist()))
+    return pairs
+
+
+@pytest.mark.parametrize("T", [16, 7])
+def test_document_batches_train_on_every_target_once_per_epoch(T):
+    """The packing policy: rows tile each shard, a document cut at a row's end continues at
+    the next row's start, the shard's tail row ignores the targets it repeats, and each
+    epoch is a permutation of the rows. So in every epoch each corpus target (every token
+    but a shard's first) comes exactly once, with its true predecessor as its input. A
+    shard too short for one row is skipped with a warning."""
+    a = _id_shard([3, 30, 7, 12, 40, 5, 9, 20])  # 126 tokens, documents longer than T too
+    c = _id_shard([9, 25, 4], first=int(a.max()) + 1)
+    short = np.r_[EOT, 900, 901].astype(np.int64)
+    with pytest.warns(UserWarning, match="1 shard"):
+        b = packing.DocumentBatches([a, short, c], T, 1, seed=3, eot=EOT)
+    n_rows = sum(-(-(len(s) - 1) // T) for s in (a, c))  # ceil((len - 1) / T) per shard
+    assert len(b) == n_rows
+    want = sorted(zip(np.r_[a[:-1], c[:-1]].tolist(), np.r_[a[1:], c[1:]].tolist()))
+    for _ in range(2):  # batch 1: n_rows steps are one epoch
+        assert sorted(_epoch_targets(b, n_rows)) == want
+
+
+def test_document_batches_epochs_are_permutations_across_steps():
+    """With a global batch that does not divide the rows, a step straddles two epochs: the
+    picks, not the steps, make the epochs (and the world size does not change them)."""
+    shard = _id_shard([3, 30, 7, 12, 40, 5, 9, 20])
+    b = packing.DocumentBatches([shard], 16, 3, seed=1, eot=EOT)
+    n = len(b)
+    assert n % 3
+    flat = np.concatenate([b.global_picks(s, n) for s in range(-(-3 * n // 3))])
+    for e in range(3):
+        assert sorted(flat[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(flat[:n], flat[n:2 * n])  # a fresh order each epoch
+    ranks = [packing.DocumentBatches([shard], 16, 1, seed=1, eot=EOT, rank=r, world=3)
+             for r in range(3)]
+    one = b.next()[0]
+    assert torch.equal(torch.cat([r.next()[0] for r in ranks]), one)
+
+
+def test_document_batches_loss_equals_per_document_losses(monkeypatch):
+    """A batch of DocumentBatches rows (documents continued across rows, a tail row with
+    ignored targets): the packed loss is the mean of the per-document losses, each piece
+    run on its own with positions from 0."""
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    model = _model(pos="rope")
+    ids = _id_shard([3, 30, 7, 12, 5, 9])  # 66 tokens: rows at 0, 24 and a tail at 41
+    shard = np.where(ids == EOT, EOT, ids % 63 + 1)  # into the vocabulary
+    b = packing.DocumentBatches([shard], 24, 3, seed=0, eot=EOT)
+    x, y, cu, m = b.next()
+    assert len(b) == 3 and (y == packing.IGNORE).sum() == 7  # all rows, the tail's repeats
+    xf, yf, total, n = x.flatten(), y.flatten(), 0.0, 0
+    with torch.no_grad():
+        packed = model(x, y, cu_seqlens=cu, max_seqlen=m)[1]
+        for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            k = int((yf[lo:hi] != packing.IGNORE).sum())
+            if k:
+                total += model(xf[None, lo:hi], yf[None, lo:hi])[1].item() * k
+                n += k
+    torch.testing.assert_close(packed.item(), total / n, rtol=1e-5, atol=1e-6)
 
 
 def _write_bin_corpus(folder):

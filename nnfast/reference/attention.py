@@ -67,8 +67,9 @@ def attention(
     ``window`` = (left, right): query i sees keys ``i + d - left .. i + d + right`` (-1 =
     unbounded; causal sets right = 0), d = 0, or ``Lk - Lq`` with ``bottom_right``.
     ``softcap`` > 0: scores ``softcap * tanh(scale * q.k / softcap)``, before the mask.
-    ``return_lse``: also the natural log-sum-exp of each row's scores, (B, Hq, Lq) fp32,
-    -inf for a fully masked row, without gradient.
+    ``return_lse``: also the natural log-sum-exp of each row's scores, (B, Hq, Lq) fp32
+    (fp64 for fp64 inputs), differentiable; -inf and no gradient for a fully masked row;
+    with dropout, that of the undropped softmax.
     """
     extras = tuple(window) != (-1, -1) or bottom_right or softcap > 0.0 or return_lse
     if extras:
@@ -178,14 +179,19 @@ def _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask,
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    p = e / safe
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     out = torch.matmul(p, vf).to(q.dtype)  # (B, Hq, Lq, D)
     if return_lse:
-        return out, torch.logsumexp(s.detach(), dim=-1).float()  # -inf where all -inf
+        # m + log(sum exp(s - m)), differentiable (m is detached, and its derivative,
+        # 1 - sum_j p_ij, is 0); -inf with zero gradient where the row is all -inf (through
+        # ``safe``, not logsumexp, whose backward is NaN there).
+        lse = torch.where(denom > 0, m + torch.log(safe), float("-inf")).squeeze(-1)
+        return out, lse if lse.dtype == torch.float64 else lse.float()
     return out
 
 

@@ -28,6 +28,12 @@ def _triton(monkeypatch):
 
 def _math(q, k, v, mask, causal, scale, dropout_p=0.0, keep=None):
     """The reference's math in the inputs' own dtype (no upcast): PyTorch's own error."""
+    return _math_lse(q, k, v, mask, causal, scale, dropout_p, keep)[0]
+
+
+def _math_lse(q, k, v, mask, causal, scale, dropout_p=0.0, keep=None):
+    """``_math``'s (out, lse): lse the undropped rows' log-sum-exp, -inf with zero gradient
+    on rows with no key."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # (B, Hq, Lk, D)
     s = (q @ k.transpose(-1, -2)) * scale
@@ -39,10 +45,12 @@ def _math(q, k, v, mask, causal, scale, dropout_p=0.0, keep=None):
     m = s.detach().amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     den = e.sum(-1, keepdim=True)
-    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    p = e / safe
+    lse = torch.where(den > 0, torch.log(safe) + m, float("-inf")).squeeze(-1)
     if keep is not None:
         p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-    return p @ v
+    return p @ v, lse
 
 
 def _grads(fn, tensors, dout, dtype=None):
@@ -295,6 +303,59 @@ def test_no_grad_and_compile(device):
     assert max_err(dropped, K.attention(q, k, v, None, 0.0, False, 0.25)) > 0.1
 
 
+@pytest.mark.parametrize("case", ["causal-gqa", "bool-masked-rows"])
+def test_lse_gradient_fp16(monkeypatch, case):
+    """fp16 through the kernels: out, lse and every gradient of the out + lse loss within
+    2x (3x for gradients) of PyTorch's own fp16 error, both judged against fp64."""
+    if "cpu" not in kernel_devices():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    q, k, v, mask, causal, _ = _lse_case(case)
+    q, k, v = (t.half() for t in (q, k, v))
+    gen = torch.Generator().manual_seed(5)
+    g, h = torch.randn(2, 4, 37, 16, generator=gen).half(), torch.randn(2, 4, 37, generator=gen)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        dq, dk, dv = torch.autograd.grad((out, lse), leaves, (g.to(out.dtype), h.to(lse.dtype)))
+        return out, lse, dq, dk, dv
+
+    got = run(lambda *t: sdpa(*t, attn_mask=mask, is_causal=causal, scale=0.25,
+                              enable_gqa=True, return_lse=True), torch.float16)
+    want = run(lambda *t: _math_lse(*t, mask, causal, 0.25), torch.float64)
+    lowp = run(lambda *t: _math_lse(*t, mask, causal, 0.25), torch.float16)
+    fin = torch.isfinite(want[1])
+    assert torch.equal(torch.isneginf(got[1]), ~fin)
+    for i, name in enumerate(["out", "lse", "dq", "dk", "dv"]):
+        a, w, lo = got[i], want[i], lowp[i]
+        if name == "lse":
+            a, w, lo = a[fin], w[fin], lo[fin]
+        close(name, a, w, lo, factor=2.0 if i < 2 else 3.0)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_lse_gradient_compiles(device):
+    """The lse's gradient through torch.compile (the custom ops' fake impls, attention_bwd's
+    optional grad_lse): the same gradients as eager, for losses of out + lse and lse alone."""
+    q, k, v = _qkv(device, torch.float32, 1, 2, 1, 20, 30, 16)
+    torch._dynamo.reset()
+    fn = torch.compile(K.attention, backend="aot_eager", fullgraph=True)
+    h = torch.randn(1, 2, 20, generator=torch.Generator().manual_seed(0)).to(device)
+    for use_out in (True, False):
+        grads = []
+        for f in (K.attention, fn):
+            out, lse = f(q, k, v, None, 0.0, True, 0.25, window=(5, -1), return_lse=True)
+            loss = (lse * h).sum() + (out.sum() if use_out else 0.0)
+            g = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+            # lse alone does not depend on v: None in eager (as on the reference path);
+            # AOTAutograd materialises a None gradient as zeros.
+            if f is K.attention:
+                assert (g[2] is None) == (not use_out)
+            grads.append([torch.zeros_like(t) if d is None else d for d, t in zip(g, (q, k, v))])
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+
+
 def _t(*shape, dtype=torch.float32, device="cpu"):
     return torch.zeros(*shape, dtype=dtype, device=device)
 
@@ -327,3 +388,65 @@ def _t(*shape, dtype=torch.float32, device="cpu"):
 def test_bad_input(args, kwargs, err, match):
     with pytest.raises(err, match=match):
         sdpa(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- lse gradient
+def _lse_case(case):
+    """(q, k, v, mask, causal, dropout_p): fp32 on the CPU."""
+    q, k, v = _qkv("cpu", torch.float32, 2, 4, 2, 37, 45, 16)
+    gen = torch.Generator().manual_seed(11)
+    mask = None
+    if case == "bool-masked-rows":
+        mask = torch.rand(2, 1, 37, 45, generator=gen) > 0.4
+        mask[:, :, [0, 5, 36]] = False  # rows with no key
+        mask[1] = False  # a batch element with no key at all
+    elif case == "float-learned":  # T5-style bias with gradient, one row fully -inf
+        mask = torch.randn(4, 37, 45, generator=gen)
+        mask[:, 5] = float("-inf")
+        mask.requires_grad_()
+    return q, k, v, mask, case in ("causal-gqa", "dropout"), 0.3 if case == "dropout" else 0.0
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", ["causal-gqa", "bool-masked-rows", "float-learned", "dropout"])
+def test_lse_gradient_matches_fp64(monkeypatch, backend, case):
+    """return_lse=True: out, lse and the gradients (dq, dk, dv, dmask) of
+    ``(out * g).sum() + (lse * h).sum()`` against the fp64 math, on the kernel (interpreter)
+    and the reference path. With dropout, lse is the undropped softmax's."""
+    if backend == "triton" and "cpu" not in kernel_devices():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    if backend == "torch" and case == "dropout":
+        pytest.skip("the reference path draws its own keep mask, which no test can replay")
+    monkeypatch.setenv("NNFAST_BACKEND", backend)
+    q, k, v, mask, causal, p_drop = _lse_case(case)
+    scale = 0.25
+    leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
+              for t in (q, k, v, mask)]
+    torch.manual_seed(1234)
+    out, lse = sdpa(*leaves, dropout_p=p_drop, is_causal=causal, scale=scale,
+                    enable_gqa=True, return_lse=True)
+    keep = None
+    if p_drop > 0.0:
+        torch.manual_seed(1234)
+        keep = K.dropout_mask(K.draw_seed(), 2, 4, 37, 45, p_drop, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    g, h = torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    got = [out, lse, *torch.autograd.grad((out, lse), wrt, (g, h))]
+    wl = [t if t is None or t.dtype == torch.bool
+          else t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v, mask)]
+    w_out, w_lse = _math_lse(*wl, causal, scale, p_drop, keep)
+    w_wrt = [t for t in wl if t is not None and t.requires_grad]
+    want = [w_out, w_lse, *torch.autograd.grad((w_out, w_lse), w_wrt, (g.double(), h.double()))]
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(w_lse)), "fully masked rows"
+    fin = torch.isfinite(w_lse)
+    got[1], want[1] = got[1][fin], want[1][fin]
+    big = max(1.0, *(w.abs().max().item() for w in want))
+    for name, a, w in zip(["out", "lse", "dq", "dk", "dv", "dmask"], got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), w, atol=2e-5 * big, rtol=2e-5, msg=name)
+    if mask is not None:  # rows with no key: no gradient reaches q (nor the bias)
+        rows = ~torch.isfinite(w_lse)
+        assert got[2][rows].abs().max() == 0
+        if len(got) == 6:
+            assert got[5][(~torch.isfinite(mask)).expand(4, 37, 45)].abs().max() == 0

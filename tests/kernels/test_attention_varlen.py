@@ -1,7 +1,8 @@
 """Packed variable-length attention, sliding windows, soft-capping, bottom-right causal and
 the LSE output, on both paths (the Triton kernels through the interpreter, and the PyTorch
 reference), against an oracle written here independently: each sequence on its own, dense,
-in fp64. Outputs, lse and dq/dk/dv are checked everywhere.
+in fp64. Outputs, lse and dq/dk/dv are checked everywhere, the gradients of a loss of both
+out and lse (``(out * g).sum() + (lse * h).sum()``).
 
 Interpreter packs are small (the interpreter's blocks are 32 x 16 / 16 x 32, so lengths up
 to ~40 still give several blocks, tails and diagonals); the long mixed pack (1, 7, 113,
@@ -52,8 +53,10 @@ def _oracle_seq(q, k, v, causal, window, softcap, scale, bottom_right, keep=None
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
-    p = e / torch.where(den > 0, den, torch.ones_like(den))
-    lse = (torch.log(den) + m).squeeze(-1).detach()
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    p = e / safe
+    # Differentiable, -inf with zero gradient on rows that see no key.
+    lse = torch.where(den > 0, torch.log(safe) + m, float("-inf")).squeeze(-1)
     if keep is not None:
         p = p * keep.double() / (1.0 - p_drop)
     return torch.einsum("hqk,khd->qhd", p, vv), lse
@@ -71,12 +74,20 @@ def _oracle(q, k, v, cq, ck, causal, window, softcap, scale, keep=None, p_drop=0
     return torch.cat(outs), torch.cat(lses, 1)
 
 
-def _grads(out, leaves, dout):
-    return list(torch.autograd.grad(out, leaves, dout))
+def _grads(out, lse, leaves, dout, dlse):
+    """d/d leaves of ``(out * dout).sum() + (lse * dlse).sum()`` (of out alone when dlse is
+    None), as grad_outputs: -inf lse rows must give zero gradient, not NaN."""
+    if dlse is None:
+        return list(torch.autograd.grad(out, leaves, dout))
+    return list(torch.autograd.grad((out, lse), leaves, (dout, dlse)))
+
+
+def _dlse(lse, g, use_lse):
+    return torch.randn(lse.shape, generator=g) if use_lse else None
 
 
 def _check_varlen(monkeypatch, backend, lens_q, lens_k, Hq, Hk, D=16, causal=False,
-                  window=(-1, -1), softcap=0.0, p_drop=0.0, tol=2e-5):
+                  window=(-1, -1), softcap=0.0, p_drop=0.0, tol=2e-5, use_lse=True):
     monkeypatch.setenv("NNFAST_BACKEND", backend)
     q, k, v = _pack(lens_q, lens_k, Hq, Hk, D, seed=sum(lens_q) + Hq * 10 + Hk)
     cq, ck = _cu(lens_q), _cu(lens_k)
@@ -91,11 +102,13 @@ def _check_varlen(monkeypatch, backend, lens_q, lens_k, Hq, Hk, D=16, causal=Fal
         torch.manual_seed(99)
         keep = K.dropout_mask(K.draw_seed(), len(lens_q), Hq, max(lens_q), max(lens_k),
                               p_drop, "cpu")
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
-    got = [out, *_grads(out, leaves, dout)]
+    gen = torch.Generator().manual_seed(5)
+    dout, dlse = torch.randn(out.shape, generator=gen), _dlse(lse, gen, use_lse)
+    got = [out, *_grads(out, lse, leaves, dout, dlse)]
     wl = [t.double().requires_grad_() for t in (q, k, v)]
     want_out, want_lse = _oracle(*wl, cq, ck, causal, window, softcap, scale, keep, p_drop)
-    want = [want_out, *_grads(want_out, wl, dout.double())]
+    want = [want_out, *_grads(want_out, want_lse, wl, dout.double(),
+                              None if dlse is None else dlse.double())]
     assert out.shape == q.shape and lse.shape == (Hq, q.shape[0])
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse)), "fully masked rows"
     fin = torch.isfinite(want_lse)
@@ -206,6 +219,62 @@ def test_varlen_fully_masked_rows_are_zero(monkeypatch, backend):
     assert (got[1][:6] == 0).all() and (got[1][9:] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_loss_of_out_alone(monkeypatch, backend):
+    """return_lse=True with a loss that ignores lse: the plain gradients."""
+    _check_varlen(monkeypatch, backend, LQ, LK, 4, 2, causal=True, use_lse=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_loss_of_lse_alone(monkeypatch, backend):
+    """A loss of lse alone (out's gradient is None, not zeros): d lse / d s = p."""
+    monkeypatch.setenv("NNFAST_BACKEND", backend)
+    q, k, v = _pack(LQ, LK, 4, 2, 16)
+    cq, ck = _cu(LQ), _cu(LK)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    _, lse = F.varlen_attention(*leaves, cq, ck, 40, 40, causal=True, window_size=(6, -1),
+                                return_lse=True)
+    dlse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(lse, leaves, dlse, allow_unused=True)
+    wl = [t.double().requires_grad_() for t in (q, k, v)]
+    want_lse = _oracle(*wl, cq, ck, True, (6, -1), 0.0, 0.25)[1]
+    want = torch.autograd.grad(want_lse, wl, dlse.double(), allow_unused=True)
+    # lse does not depend on v: no gradient, on both paths, as in the fp64 oracle.
+    assert want[2] is None and got[2] is None
+    for name, a, w in zip(["dq", "dk"], got, want):
+        torch.testing.assert_close(a.double(), w, atol=2e-5 * w.abs().max().item(),
+                                   rtol=2e-5, msg=name)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("api", ["dense", "varlen"])
+def test_unused_lse_costs_nothing_in_the_backward(monkeypatch, api):
+    """Without return_lse, or with a loss that ignores lse, the backward gets no lse
+    gradient (None, not a zero tensor to subtract): it does exactly the work it did
+    before lse had a gradient."""
+    monkeypatch.setenv("NNFAST_BACKEND", "triton")
+    seen = []
+    real = K._bwd
+
+    def spy(*a):
+        seen.append(a[-1])  # grad_lse
+        return real(*a)
+
+    monkeypatch.setattr(K, "_bwd", spy)
+    if api == "dense":
+        q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+        fn = lambda **kw: F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    else:
+        q, k, v = (t.requires_grad_() for t in _pack([3, 9], [3, 9], 2, 1, 16))
+        fn = lambda **kw: F.varlen_attention(q, k, v, _cu([3, 9]), _cu([3, 9]), 9, 9,
+                                             causal=True, **kw)
+    fn().sum().backward()
+    fn(return_lse=True)[0].sum().backward()
+    out, lse = fn(return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    assert seen[0] is None and seen[1] is None and isinstance(seen[2], torch.Tensor)
+
+
 def _bad(q, k, cq, ck, mq=40, mk=40):
     return lambda: F.varlen_attention(q, k, k, cq, ck, mq, mk)
 
@@ -256,8 +325,8 @@ def _check_dense(monkeypatch, backend, B, Hq, Hk, Lq, Lk, D, causal=False, windo
     out, lse = F.scaled_dot_product_attention(
         *leaves, is_causal=causal, enable_gqa=True, window_size=window, softcap=softcap,
         causal_alignment=align, return_lse=True)
-    dout = torch.randn(out.shape, generator=g)
-    got = [out, *_grads(out, leaves, dout)]
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    got = [out, *_grads(out, lse, leaves, dout, dlse)]
     wl = [t.double().requires_grad_() for t in (q, k, v)]
     outs, lses = [], []
     for b in range(B):  # the oracle takes (L, H, D)
@@ -267,7 +336,7 @@ def _check_dense(monkeypatch, backend, B, Hq, Hk, Lq, Lk, D, causal=False, windo
         outs.append(o.transpose(0, 1))
         lses.append(ls)
     want_out, want_lse = torch.stack(outs), torch.stack(lses)
-    want = [want_out, *_grads(want_out, wl, dout.double())]
+    want = [want_out, *_grads(want_out, want_lse, wl, dout.double(), dlse.double())]
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
     fin = torch.isfinite(want_lse)
     torch.testing.assert_close(lse[fin].double(), want_lse[fin], atol=tol, rtol=tol)

@@ -53,6 +53,18 @@ def test_create_overrides_rederive_fields():
     assert g.config.vocab_size == 97 and g.config.block_size == 32
 
 
+def test_gelu_exact_mlp_is_nanogpts():
+    """mlp="gelu_exact": fc -> exact (erf) GELU -> proj, nanoGPT's MLP, 4d wide; "gelu" keeps
+    GPT-2's tanh approximation."""
+    m = models.create("gpt2", preset="debug", mlp="gelu_exact", bias=False)
+    mlp = m.blocks[0].mlp
+    assert m.config.hidden_dim == 4 * m.config.n_embd and mlp.activation == "gelu"
+    assert models.create("gpt2", preset="debug").blocks[0].mlp.activation == "gelu_tanh"
+    x = torch.randn(2, 5, m.config.n_embd)
+    want = torch_F.linear(torch_F.gelu(torch_F.linear(x, mlp.fc.weight)), mlp.proj.weight)
+    torch.testing.assert_close(mlp(x), want)
+
+
 def test_create_errors():
     with pytest.raises(ValueError, match=r"unknown model 'gpt3'.*gpt2.*llama2"):
         models.create("gpt3")
