@@ -50,6 +50,7 @@ from typing import Optional
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nnfast._backend import interpreting, warn_once
 from nnfast.kernels.attention_bwd import (
@@ -133,6 +134,24 @@ class _Problem:
         return (0, lse.stride(0)) if self.varlen else lse.stride()[:2]
 
 
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether the forward can read/write these (B, H, L, D) views through TMA descriptors:
+    CUDA sm_90+ (not the interpreter), fp16/bf16, unit last stride, 16-byte aligned base and
+    strides. fp32 keeps pointers: its exact (ieee) dot runs on the CUDA cores, not HGMMA, and
+    spills several KB more through descriptors (scripts/compile_check.py)."""
+    if interpreting() or not all(t.is_cuda for t in ts) or ts[0].element_size() != 2:
+        return False
+    if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts)
+
+
+def _desc(t: torch.Tensor) -> TensorDescriptor:
+    # The tile shape is a placeholder: each autotune config sets its own before launching.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
+
+
 def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bottom_right=False,
          softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     P = _Problem(q, k, mask, seed, dropout_p, is_causal, window, bottom_right, softcap,
@@ -141,11 +160,16 @@ def _fwd(q, k, v, mask, seed, dropout_p, is_causal, scale, window=(-1, -1), bott
     Hq, Hk = q4.shape[1], k4.shape[1]
     out, lse = P.new_out(q)
     o4 = P.view(out)
+    use_tma = _tma_ok(q4, k4, v4, o4)
+    # TMA: descriptors over the views (varlen's output stays a pointer: see attention_fwd).
+    args = ((_desc(q4), _desc(k4), _desc(v4), o4 if P.varlen else _desc(o4)) if use_tma
+            else (q4, k4, v4, o4))
     grid = lambda META: (triton.cdiv(P.Lq, META["BLOCK_M"]), P.B * Hq)
     _fwd_kernel[grid](
-        q4, k4, v4, P.mask, o4, lse, *P.cu, *P.strides(q4), *P.strides(k4), *P.strides(v4),
+        *args[:3], P.mask, args[3], lse, *P.cu, *P.strides(q4), *P.strides(k4), *P.strides(v4),
         *P.strides(o4), *P.m_strides, *P.lse_strides(lse),
-        Hq, P.Lq, P.Lk, Hq // Hk, scale * LOG2E, *P.scalars, *P.buckets, **P.consts)
+        Hq, P.Lq, P.Lk, Hq // Hk, scale * LOG2E, *P.scalars, *P.buckets, **P.consts,
+        USE_TMA=use_tma, SCALE_NEG=scale < 0)
     return out, lse
 
 

@@ -104,7 +104,10 @@ def _raw_backend():
 def use_triton(tensor: torch.Tensor) -> bool:
     """Decide the path for an op whose inputs live on ``tensor.device``."""
     raw = _raw_backend()
-    if raw != _Cache.raw:
+    # Identity, not ==: torch.compile cannot compare a str with the sentinel object (a
+    # model compiled before any eager call would break its graph here); a new value
+    # object is re-parsed, which an unchanged environment never produces outside compile.
+    if raw is not _Cache.raw:
         value = os.environ.decodevalue(raw) if isinstance(raw, bytes) else raw
         _Cache.choice = _parse(value)  # a bad value raises on every call until it is fixed
         _Cache.by_type = {}

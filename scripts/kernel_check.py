@@ -14,6 +14,7 @@ bf16 is left out there (bf16 tl.dot is wrong in the interpreter).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -32,6 +33,11 @@ def _const(t: torch.Tensor):
 
     make.const = True
     return make
+
+
+def _bthd(make):
+    """A (B, T, H, D) factory's tensors as (B, H, T, D) views (strided like most models')."""
+    return lambda dt, dev: make(dt, dev).transpose(1, 2)
 
 
 def _cases(tiny: bool):
@@ -65,6 +71,19 @@ def _cases(tiny: bool):
             yield (f"attention{' causal' if causal else ''}", f"B{B} H{h} N{T} D{d}",
                    lambda q, k, v, c=causal: Fn.scaled_dot_product_attention(q, k, v, is_causal=c),
                    [rnd(B, h, T, d)] * 3)
+    # The Hopper forward (TMA descriptors) beyond contiguous MHA: GQA on a (B, T, H, D)
+    # buffer seen as (B, H, T, D), and a varlen pack (descriptors over the whole pack).
+    hq, hk = (4, 2) if tiny else (16, 4)
+    yield ("attention gqa bthd causal", f"B{B} Hq{hq} Hk{hk} N{T} D{D}",
+           lambda q, k, v: Fn.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                          enable_gqa=True),
+           [_bthd(rnd(B, T, h, D)) for h in (hq, hk, hk)])
+    lens = [7, 19, 7] if tiny else [300, 1500, 2048, 248]
+    cu = _const(torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32))
+    yield ("varlen_attention causal", f"{len(lens)} seqs {sum(lens)} rows H{H} D{D}",
+           lambda q, k, v, cq, ck: Fn.varlen_attention(q, k, v, cq, ck, max(lens), max(lens),
+                                                       causal=True),
+           [rnd(sum(lens), H, D)] * 3 + [cu, cu])
     yield ("linear_cross_entropy", f"N{Nce} C{Cce} V{V}",
            lambda x, w, t: Fn.linear_cross_entropy(x, w, t, label_smoothing=0.1),
            [rnd(Nce, Cce), rnd(V, Cce, scale=Cce**-0.5), target(Nce, V)])

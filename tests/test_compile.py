@@ -50,3 +50,21 @@ def test_compiled_block_matches_eager(backend):
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
     for n, p in block.named_parameters():
         torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_compile_before_any_eager_call():
+    """A fresh process whose first nnfast call is traced by torch.compile(fullgraph=True):
+    the backend decision must be traceable then (it once compared the environment's value
+    with a sentinel object, which dynamo cannot do; later calls hit the cache, so only a
+    fresh process shows it)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, nnfast\n"
+            "m = nnfast.SwiGLU(16, 32)\n"
+            "x = torch.randn(2, 16)\n"
+            "y = torch.compile(m, fullgraph=True, backend='eager')(x)\n"
+            "torch.testing.assert_close(y, m(x))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

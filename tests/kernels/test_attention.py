@@ -134,6 +134,29 @@ def test_matches_reference_cuda(dtype, causal, D, L):
     _check(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("device,dtype", DD)
+@pytest.mark.parametrize("scale", [-1.0, 0.0])
+def test_negative_and_zero_scale(device, dtype, scale):
+    """PyTorch takes any finite scale. The forward folds the scale into its running max
+    (scale * max(q.k), or scale * min(q.k) when scale < 0): with scores spread over hundreds,
+    a max taken on the wrong side overflows exp2 to inf."""
+    q, k, v = _qkv(device, dtype, 1, 2, 1, 40, 72, 16)
+    q = (8.0 * q).detach().requires_grad_()
+    _check(q, k, v, scale=scale)
+
+
+@pytest.mark.skipif("cpu" not in kernel_devices(), reason="needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tma_path_through_interpreter(monkeypatch, causal):
+    """The forward's TMA path (descriptors over the (B, H, L, D) views) is taken only on CUDA
+    sm_90+; the interpreter runs descriptors too, so it is forced here: GQA, tails in both
+    lengths, a head dim below its block, and a non-contiguous view."""
+    monkeypatch.setattr(K, "_tma_ok", lambda *ts: True)
+    q, k, v = _qkv("cpu", torch.float32, 2, 4, 2, 45, 50, 40)
+    _check(q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(), k, v,
+           causal=causal)
+
+
 @requires_cuda
 def test_long_sequence_cuda():
     q, k, v = _qkv("cuda", torch.bfloat16, 1, 4, 1, 4097, 4097, 112)

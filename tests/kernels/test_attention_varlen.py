@@ -168,12 +168,28 @@ def test_varlen_fp16(monkeypatch, backend):
     torch.testing.assert_close(got.float(), want, atol=3e-3, rtol=3e-3)
 
 
+# The forward's TMA path (CUDA sm_90+ only) forced through the interpreter: its descriptors
+# bound the whole pack, so a sequence's edge blocks read the next sequence's rows.
+NEEDS_INTERPRETER = pytest.mark.skipif("triton" not in BACKENDS,
+                                       reason="needs the Triton interpreter")
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window=(5, 5), softcap=2.0, D=40)],
+                         ids=["causal", "both-D40"])
+@NEEDS_INTERPRETER
+def test_varlen_tma_path(monkeypatch, kw):
+    monkeypatch.setattr(K, "_tma_ok", lambda *ts: True)
+    _check_varlen(monkeypatch, "triton", LQ, LK, 4, 2, **kw)
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter, on sequence 3's row max
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen_never_reads_padding_or_other_sequences(monkeypatch, backend):
+@pytest.mark.parametrize("backend,tma", [(b, False) for b in BACKENDS] + [
+    pytest.param("triton", True, id="triton-tma", marks=NEEDS_INTERPRETER)])
+def test_varlen_never_reads_padding_or_other_sequences(monkeypatch, backend, tma):
     """q/k/v live in NaN-filled buffers (head dim padded to 24): the slack is never read; NaN
     in one sequence's keys/values never reaches the other sequences."""
     monkeypatch.setenv("NNFAST_BACKEND", backend)
+    monkeypatch.setattr(K, "_tma_ok", lambda *ts: tma)
     q, k, v = _pack(LQ, LK, 2, 2, 16)
     cq, ck = _cu(LQ), _cu(LK)
     bufs = [torch.full((t.shape[0], 2, 24), float("nan")) for t in (q, k, v)]

@@ -34,8 +34,9 @@ def offline_compile():
 
 def test_kernels_compile_for_sm90(offline_compile):
     """Every quick-set kernel compiles; with --assert-stats also: HGMMA in every fp16/bf16
-    tl.dot kernel, the attention forward's main loop within its bound. Spills are reported
-    (spill=, stl=); the backward's no-spill promise is the test below."""
+    tl.dot kernel, the attention forward's main loop within its bound, TMA copies in the
+    forward's TMA variants. Spills are reported (spill=, stl=); the backward's no-spill
+    promise is the test below."""
     result = _run("--quick", "--jobs", "2", "--assert-stats", timeout=600)
     lines = result.stdout.splitlines()
     failures = [line for line in lines if line.startswith("FAIL")]
@@ -49,6 +50,9 @@ def test_kernels_compile_for_sm90(offline_compile):
     # The statistics were read (a SASS parser that finds nothing cannot pass).
     fwd = [line for line in lines if line.startswith("OK   _attn_fwd")]
     assert fwd and all("hgmma=" in line and "loop=" in line for line in fwd), fwd
+    # The Hopper forward (TMA descriptors) was compiled and its TMA copies counted.
+    tma = [line for line in fwd if "USE_TMA=True" in line]
+    assert tma and all(int(line.split("tma=")[1].split()[0]) > 0 for line in tma), fwd
 
 
 def test_attention_backward_pickable_configs_do_not_spill(offline_compile):
