@@ -139,12 +139,3 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 _KEY = ["lq_bucket", "lk_bucket", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "IS_VARLEN",
         "HAS_MASK", "HAS_DROPOUT"]
-
-def _prune_spilling(configs, named_args, **kwargs):
-    # The forward's. Head dim >= 128: 128-row tiles on 4 warps spill registers on sm_90
-    # (ptxas, bf16: 440 B causal, 648 B window + softcap at 128 x 64); their 8-warp twins do
-    # not. (The backward prunes by its own measured table, attention_bwd._SPILLS.)
-    if named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 0)) < 128:
-        return configs
-    kept = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)]
-    return kept or configs

@@ -18,7 +18,6 @@ from nnfast.kernels.attention_common import (
     _KEY,
     _configs,
     _dropout_keep,
-    _prune_spilling,
     _scores,
     _seq,
     _span,
@@ -59,7 +58,6 @@ def _fwd_inner(
     MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, SCALE_NEG: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
 ):
     """Key blocks [lo, hi) (lo a multiple of BLOCK_N). MASKED: bounds / window masking of
     the scores (and of the pointer loads); off, every key of every block is in bounds and
@@ -73,11 +71,11 @@ def _fwd_inner(
     # into the exponent's FMA, exp2(qk * scale_log2 - m), and into the row max (of qk, or
     # of -qk for a negative scale), so a score costs no separate multiply.
     FOLD: tl.constexpr = not (MASKED or HAS_MASK or HAS_SOFTCAP)
-    # WARP_SPEC (Triton's automatic warp specialisation) is plumbed but no config sets it:
-    # on sm_90 with Triton 3.6.0 and 3.9.0 it either fails to compile (4 warps: assertion
-    # "isa<scf::IfOp>(defOp) || isa<scf::ForOp>(defOp)" in NVGPUWarpSpecialization's
-    # TaskIdPropagation) or is silently dropped (8 warps: the same PTX as without it).
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    # No warp specialisation (tl.range(..., warp_specialize=True)): on sm_90 with Triton
+    # 3.6.0 and 3.9.0 it either fails to compile (4 warps: assertion "isa<scf::IfOp>(defOp)
+    # || isa<scf::ForOp>(defOp)" in NVGPUWarpSpecialization's TaskIdPropagation) or is
+    # silently dropped (8 warps: the same PTX as without it).
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         if USE_TMA:
@@ -154,7 +152,6 @@ def _attn_fwd(
     USE_TMA: tl.constexpr,  # Q/K/V (and dense Out) are TMA descriptors of the views
     SCALE_NEG: tl.constexpr,  # scale < 0: the row max of scale * qk is scale * min(qk)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WARP_SPEC: tl.constexpr = False,  # warp-specialised key loop (autotune option)
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -200,14 +197,14 @@ def _attn_fwd(
             offs_m, offs_n0, offs_d, lo, mid_lo, seqlen_q, seqlen_k, Lk, diag, wl, wr,
             scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
             HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            USE_TMA, SCALE_NEG, False)
+            USE_TMA, SCALE_NEG)
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, offs_n0, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
         HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-        USE_TMA, SCALE_NEG, WARP_SPEC)
+        USE_TMA, SCALE_NEG)
     # The diagonal / right edge of the window and the tail, with bounds masking.
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
@@ -215,7 +212,7 @@ def _attn_fwd(
         offs_m, offs_n0, offs_d, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
         HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-        USE_TMA, SCALE_NEG, False)
+        USE_TMA, SCALE_NEG)
     empty = l_i == 0.0  # fully masked row: zero output, lse2 = +inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -279,7 +276,7 @@ def _prune_fwd(configs, named_args, **kwargs):
                  dropout=bool(arg("HAS_DROPOUT", False)), mask=bool(arg("HAS_MASK", False)),
                  edges=bool(arg("HAS_RIGHT", False) or arg("HAS_LEFT", False)))
     kept = [c for c in kept if not _spills(c, **flags)]
-    return _prune_spilling(kept, named_args, **kwargs) or configs
+    return kept or configs
 
 
 def _tma_block_shapes(nargs):
