@@ -351,17 +351,19 @@ def _dropout_mask_kernel(
 # does. dQ keeps one (BLOCK_M, BLOCK_D) accumulator.
 _DKDV = _configs([(16, 32, 4, 1)] if interpreting() else [
     (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2),
-    (32, 64, 4, 3), (64, 64, 4, 3)])
+    (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 8, 2)])
 _DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
     (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 
 # Configs that spill registers on sm_90 (scripts/compile_check.py, fp16/bf16, Triton 3.9 and
 # 3.6, spill = ptxas' stack frame), by (kernel, head-dim class, flag class): "wide" is
 # BLOCK_D > 64 (D = 80..128); "flags" a launch with any of _HEAVY's flags, else "causal"
-# (HAS_RIGHT alone) or "plain". The autotuner never times them. Worst measured spill in
-# brackets (3.9 / 3.6 where they differ).
+# (HAS_RIGHT alone) or "plain"; for dK/dV "paired" where two or more of _PAIRED are set.
+# The autotuner never times them. Worst measured spill in brackets (3.9 / 3.6 where they
+# differ).
 _DKDV_FLAGS = ("HAS_MASK", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_LEFT", "IS_VARLEN")
 _DQ_FLAGS = ("HAS_MASK", "HAS_SOFTCAP", "HAS_LEFT", "STORE_DS")
+_PAIRED = ("HAS_DROPOUT", "IS_VARLEN", "HAS_SOFTCAP", "HAS_LEFT")
 _HEAVY = {("dkdv", False): _DKDV_FLAGS, ("dkdv", True): _DKDV_FLAGS,
           ("dq", False): _DQ_FLAGS, ("dq", True): _DQ_FLAGS + ("IS_VARLEN",)}
 _SPILLS = {
@@ -380,6 +382,12 @@ _SPILLS = {
     # the same and 16x128 w8 s3 (8-72 B with dropout / softcap + window / varlen).
     ("dkdv", True, "flags"): {(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2),
                               (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3)},
+    # and 16x128 w8 s2 (dropout + varlen [40 / 32 B], softcap + left window [8 B]): 16x64
+    # w8 s2 holds half the dK/dV accumulators, 0 B (16 B / 0 with softcap + window + varlen
+    # + dropout all four, under Triton 3.6). 16x64 with 1 or 3 stages, or 4 warps: 8-200 B.
+    ("dkdv", True, "paired"): {(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2),
+                               (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3),
+                               (16, 128, 8, 2)},
     ("dq", False, "plain"): set(),
     ("dq", False, "causal"): set(),
     # bool/float mask + dropout + softcap (+ dS out), D=64: 128x32 w4 [128 B], 128x64 w8
@@ -392,6 +400,9 @@ _SPILLS = {
     ("dq", True, "flags"): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
 }
 
+# D=64: two or more of _PAIRED as any flag (16x128 w8 s2 and 16x64 w8 s2: 0 B).
+_SPILLS[("dkdv", False, "paired")] = _SPILLS[("dkdv", False, "flags")]
+
 
 def _spill_free(kind: str):
     """An early_config_prune dropping the configs of ``_SPILLS`` for this launch's head-dim
@@ -403,6 +414,8 @@ def _spill_free(kind: str):
         wide = arg("BLOCK_D", 64) > 64
         cls = "flags" if any(arg(f, False) for f in _HEAVY[(kind, wide)]) else (
             "causal" if arg("HAS_RIGHT", False) else "plain")
+        if kind == "dkdv" and sum(bool(arg(f, False)) for f in _PAIRED) >= 2:
+            cls = "paired"
         bad = _SPILLS[(kind, wide, cls)]
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) not in bad]

@@ -58,6 +58,7 @@ def _fwd_inner(
     MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, SCALE_NEG: tl.constexpr,
+    ROWSUM_DOT: tl.constexpr,
 ):
     """Key blocks [lo, hi) (lo a multiple of BLOCK_N). MASKED: bounds / window masking of
     the scores (and of the pointer loads); off, every key of every block is in bounds and
@@ -103,7 +104,10 @@ def _fwd_inner(
                 m_safe = m_new
             p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too
+        if ROWSUM_DOT:  # (BLOCK_M, 16) copies of the normalizer, summed by the dot below
+            l_i = l_i * alpha[:, None]
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, dropout_p)
@@ -116,7 +120,10 @@ def _fwd_inner(
             v = _load(v_ptrs, (offs_n < seqlen_k)[:, None], d_ok[None, :], MASKED, D_MASK)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        p_lo = p.to(v.dtype)
+        acc = tl.dot(p_lo, v, acc, input_precision=DOT_PREC)
+        if ROWSUM_DOT:
+            l_i = tl.dot(p_lo, tl.full((BLOCK_N, 16), 1.0, v.dtype), l_i)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -184,7 +191,18 @@ def _attn_fwd(
         v_src = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
     mask_base = Mask + b * stride_mb + h * stride_mh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # The row sums of p on the tensor cores: p @ ones(BLOCK_N, 16) accumulated in fp32 (16
+    # equal columns, the smallest dot) instead of a BLOCK_N-wide FADD reduction and shuffles
+    # per row and block: 40-55 fewer instructions a block at the headline tiles (sm_90, both
+    # Triton versions). It sums the rounded p that the P @ V dot weighs V by, so the output
+    # stays a convex combination of V's rows. Not with dropout (the normalizer counts the
+    # dropped entries, the dot sees them zeroed), softcap (its tanh leaves no room: 30-50
+    # more), or 16-row decode tiles (no warpgroup MMA there: twice the instructions).
+    ROWSUM_DOT: tl.constexpr = USE_TMA and BLOCK_M > 16 and not (HAS_DROPOUT or HAS_SOFTCAP)
+    if ROWSUM_DOT:
+        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Key blocks outside [lo, hi) are never visited (window / causal skipping); inside
     # [mid_lo, mid_hi) every key is in bounds and in the window of every row (no masking).
@@ -197,14 +215,14 @@ def _attn_fwd(
             offs_m, offs_n0, offs_d, lo, mid_lo, seqlen_q, seqlen_k, Lk, diag, wl, wr,
             scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
             HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-            USE_TMA, SCALE_NEG)
+            USE_TMA, SCALE_NEG, ROWSUM_DOT)
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         offs_m, offs_n0, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
         HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-        USE_TMA, SCALE_NEG)
+        USE_TMA, SCALE_NEG, ROWSUM_DOT)
     # The diagonal / right edge of the window and the tail, with bounds masking.
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, k_src, v_src, desc_b, hk32, k0_32, mask_base,
@@ -212,7 +230,9 @@ def _attn_fwd(
         offs_m, offs_n0, offs_d, mid_hi, hi, seqlen_q, seqlen_k, Lk, diag, wl, wr,
         scale_log2, cap2, dropout_p, seed, bh, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
         HAS_MASK, MASK_IS_BOOL, HAS_DROPOUT, IS_VARLEN, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
-        USE_TMA, SCALE_NEG)
+        USE_TMA, SCALE_NEG, ROWSUM_DOT)
+    if ROWSUM_DOT:
+        l_i = tl.max(l_i, 1)  # any column: they are equal
     empty = l_i == 0.0  # fully masked row: zero output, lse2 = +inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -230,7 +250,8 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------- autotuning
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs too big for shared memory at large head
 # dims fail to compile and are dropped by the autotuner. 128 x 128 comes with 3 and 2 stages:
-# at head dim 128 three fill the H100's shared memory (225 KB of 227), two leave room. The
+# at head dim 128 three fill the H100's shared memory (225 KB of 227), two leave room (and
+# the only room for the TMA path's row-sum ones tile: see _over_smem). The
 # first config left after pruning is what `compile_check.py --quick` compiles: 128 x 64 w4
 # at head dim 64, 128 x 128 w8 at 128 (the headline tiles of its loop bounds).
 _FWD = _configs([(32, 16, 4, 1)] if interpreting() else [
@@ -255,13 +276,22 @@ def _spills(c, block_d: int, tma: bool, dropout: bool, mask: bool, edges: bool) 
     if dropout:  # (and the pointer path's decode tile 16 x 128 at a 128-wide head block)
         pointer_decode = not tma and big_d and (m, n) == (16, 128)
         return pointer_decode or per_thread > (16 if big_d or n < 64 else 32)
-    if tma:
-        return False
+    if tma:  # decode's 16 x 64 at a 64-wide head block: 16 B at 72 registers (Triton 3.9)
+        return (m, n) == (16, 64) and block_d == 64
     if (m, n, w) == (128, 64, 4):
         return True
     if (m, n, w) == (128, 128, 8):
         return mask or (big_d and (edges or c.num_stages == 2))
     return (m, n, w) == (64, 64, 4) and mask and big_d
+
+
+def _over_smem(c, block_d: int, tma: bool, dropout: bool, softcap: bool) -> bool:
+    """Configs that exceed the H100's 227 KB of shared memory (found at compile time, where
+    the autotuner would drop them after a failed compile): the TMA path's row-sum dot
+    (ROWSUM_DOT in _attn_fwd) adds a BLOCK_N x 16 tile of ones, 4 KB beside the three stages
+    of 128 x 128 tiles at a 128-wide head block that took 225 KB."""
+    rowsum = tma and not (dropout or softcap) and c.kwargs["BLOCK_M"] > 16
+    return rowsum and block_d >= 128 and c.num_stages >= 3 and c.kwargs["BLOCK_N"] >= 128
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -275,7 +305,8 @@ def _prune_fwd(configs, named_args, **kwargs):
     flags = dict(block_d=arg("BLOCK_D", 0), tma=bool(arg("USE_TMA", False)),
                  dropout=bool(arg("HAS_DROPOUT", False)), mask=bool(arg("HAS_MASK", False)),
                  edges=bool(arg("HAS_RIGHT", False) or arg("HAS_LEFT", False)))
-    kept = [c for c in kept if not _spills(c, **flags)]
+    kept = [c for c in kept if not _spills(c, **flags) and not _over_smem(
+        c, flags["block_d"], flags["tma"], flags["dropout"], bool(arg("HAS_SOFTCAP", False)))]
     return kept or configs
 
 

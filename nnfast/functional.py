@@ -441,8 +441,8 @@ def scaled_dot_product_attention(
                            window_size, softcap, causal_alignment, return_lse):
             if scale is None:
                 scale = 1.0 / math.sqrt(query.shape[-1])
-            impl = (_PACKAGES[0] or _load(False)).attention
-            return impl.attention(query, key, value, None, 0.0, is_causal, scale)
+            return (_PACKAGES[0] or _load(False)).attention.unmasked(
+                query, key, value, is_causal, scale)
     except _FAST_ERRORS:
         pass
     dropout_p, scale = _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)

@@ -90,6 +90,17 @@ def attention(
     return _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask)
 
 
+def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+             scale: float) -> torch.Tensor:
+    """``attention(q, k, v, None, 0.0, is_causal, scale)`` for fp32 CPU tensors of one 4-D
+    shape and a positive scale (``nnfast.functional``'s fast path checks that): PyTorch's
+    fused kernel straight away, without attention()'s dispatch (a few µs a call at small
+    shapes, where the kernel itself takes ~100)."""
+    if q.numel() == 0 or not _finite(q, None):
+        return attention(q, k, v, None, 0.0, is_causal, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+
+
 def _finite(q: torch.Tensor, k: torch.Tensor | None) -> bool:
     """Whether the fused CPU kernel gives PyTorch's math here. It does not for a NaN/inf in
     q (zeros for that row, not NaN) nor, under a mask, for one in k (a masked-out NaN key

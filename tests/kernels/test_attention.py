@@ -146,13 +146,15 @@ def test_negative_and_zero_scale(device, dtype, scale):
 
 
 @pytest.mark.skipif("cpu" not in kernel_devices(), reason="needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_tma_path_through_interpreter(monkeypatch, causal):
+def test_tma_path_through_interpreter(monkeypatch, causal, dtype):
     """The forward's TMA path (descriptors over the (B, H, L, D) views) is taken only on CUDA
     sm_90+; the interpreter runs descriptors too, so it is forced here: GQA, tails in both
-    lengths, a head dim below its block, and a non-contiguous view."""
+    lengths, a head dim below its block, and a non-contiguous view. Its row sums come from a
+    dot of the rounded p (ROWSUM_DOT): in fp16 within the low-precision rule too."""
     monkeypatch.setattr(K, "_tma_ok", lambda *ts: True)
-    q, k, v = _qkv("cpu", torch.float32, 2, 4, 2, 45, 50, 40)
+    q, k, v = _qkv("cpu", dtype, 2, 4, 2, 45, 50, 40)
     _check(q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(), k, v,
            causal=causal)
 

@@ -55,17 +55,24 @@ def test_kernels_compile_for_sm90(offline_compile):
     assert tma and all(int(line.split("tma=")[1].split()[0]) > 0 for line in tma), fwd
 
 
-def test_attention_backward_pickable_configs_do_not_spill(offline_compile):
-    """Every dK/dV and dQ config the autotuners can pick (after their spill pruning) at the
-    headline shapes, and the first pickable config of each flagged variant, compiles with 0
-    spilled bytes (issue 10), except the bounded KNOWN_SPILLS of compile_check.py."""
-    result = _run("--headline", "--jobs", "2", "--assert-no-spills", timeout=900)
+def test_attention_pickable_configs_do_not_spill(offline_compile):
+    """Every forward (both memory paths, decode tiles), dK/dV and dQ config the autotuners can
+    pick (after their pruning) at the headline shapes, and the first pickable backward config
+    of each flagged variant, compiles with 0 spilled bytes (issue 10), except the bounded
+    KNOWN_SPILLS of compile_check.py; the forward's main loops stay within FWD_LOOP_MAX."""
+    result = _run("--headline", "--jobs", "2", "--assert-no-spills", "--assert-stats",
+                  timeout=900)
     lines = result.stdout.splitlines()
     failures = [line for line in lines if line.startswith("FAIL")]
     assert result.returncode == 0, "\n".join(failures) or result.stdout[-4000:] + result.stderr
     ok = [line for line in lines if line.startswith("OK ")]
-    # Both kernels, every headline config: a pruner that drops everything cannot pass.
-    for name in ("_attn_bwd_dkdv", "_attn_bwd_dq"):
+    # Every kernel, every headline config: a pruner that drops everything cannot pass.
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         compiled = [line for line in ok if line.split()[1] == name]
         assert len(compiled) >= 20, (name, len(compiled))
     assert all("spill=" in line for line in ok), ok[:3]
+    # Both forward memory paths at both headline tiles were among them.
+    fwd = [line for line in ok if line.split()[1] == "_attn_fwd"]
+    for path in ("USE_TMA=True", "USE_TMA=False"):
+        for d in ("BLOCK_D=64 ", "BLOCK_D=128 "):
+            assert any(path in line and d in line for line in fwd), (path, d)
