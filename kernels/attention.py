@@ -19,6 +19,9 @@ Forward (per query block, looping over key blocks): online softmax in fp32 in ba
 with the softmax scale folded into ``scale * log2(e)`` so each score costs one multiply and
 one ``exp2``. Blocks outside the window (above the causal diagonal) are skipped; blocks
 fully in bounds and inside the window run without any score masking, the edges with it.
+On the TMA path (Hopper, fp16/bf16) the row sums of P come from the tensor cores, a dot of
+the rounded P (the weights the P V product uses) with a tile of ones, instead of a
+reduction on the CUDA cores; with dropout or softcap, and elsewhere, an fp32 reduction.
 The base-2 log-sum-exp of each row, ``lse2 = log2(sum_j 2^(s2_ij))`` with
 ``s2 = log2(e) * (scale * q.k + bias)``, is kept (B, Hq, Lq) fp32 for the backward; a fully
 masked row stores ``+inf`` so that the backward's ``p = 2^(s2 - lse2)`` is exactly 0 there.

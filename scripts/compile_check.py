@@ -439,7 +439,8 @@ def stat_problems(name: str, signature: dict, consts: dict, detail: str, stats: 
     # "*fp16" pointers or "tensordesc<fp16[...]>" TMA descriptors
     lowp = any("fp16" in t or "bf16" in t for t in signature.values())
     # A warpgroup MMA takes 64 rows: tiles of 16 (decode) or 32 rows run mma.sync (HMMA).
-    rows = flags.get("BLOCK_M")
+    # dK/dV's products have a row per key (BLOCK_N), the others a row per query (BLOCK_M).
+    rows = flags.get("BLOCK_N" if name == "_attn_bwd_dkdv" else "BLOCK_M")
     wgmma_fits = not (isinstance(rows, int) and rows < 64)
     if name in DOT_KERNELS and lowp and wgmma_fits and not st.get("hgmma"):
         out.append(f"no HGMMA in a {name} fp16/bf16 variant ({detail})")
