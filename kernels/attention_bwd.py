@@ -358,9 +358,9 @@ _DQ = _configs([(32, 16, 4, 1)] if interpreting() else [
 # Configs that spill registers on sm_90 (scripts/compile_check.py, fp16/bf16, Triton 3.9 and
 # 3.6, spill = ptxas' stack frame), by (kernel, head-dim class, flag class): "wide" is
 # BLOCK_D > 64 (D = 80..128); "flags" a launch with any of _HEAVY's flags, else "causal"
-# (HAS_RIGHT alone) or "plain"; for dK/dV "paired" where two or more of _PAIRED are set.
-# The autotuner never times them. Worst measured spill in brackets (3.9 / 3.6 where they
-# differ).
+# (HAS_RIGHT alone) or "plain"; "paired" a "flags" launch with two or more of _PAIRED (its
+# own entry for dK/dV at D=128 only). The autotuner never times them. Worst measured spill
+# in brackets (3.9 / 3.6 where they differ).
 _DKDV_FLAGS = ("HAS_MASK", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_LEFT", "IS_VARLEN")
 _DQ_FLAGS = ("HAS_MASK", "HAS_SOFTCAP", "HAS_LEFT", "STORE_DS")
 _PAIRED = ("HAS_DROPOUT", "IS_VARLEN", "HAS_SOFTCAP", "HAS_LEFT")
@@ -400,9 +400,6 @@ _SPILLS = {
     ("dq", True, "flags"): {(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)},
 }
 
-# D=64: two or more of _PAIRED as any flag (16x128 w8 s2 and 16x64 w8 s2: 0 B).
-_SPILLS[("dkdv", False, "paired")] = _SPILLS[("dkdv", False, "flags")]
-
 
 def _spill_free(kind: str):
     """An early_config_prune dropping the configs of ``_SPILLS`` for this launch's head-dim
@@ -414,9 +411,9 @@ def _spill_free(kind: str):
         wide = arg("BLOCK_D", 64) > 64
         cls = "flags" if any(arg(f, False) for f in _HEAVY[(kind, wide)]) else (
             "causal" if arg("HAS_RIGHT", False) else "plain")
-        if kind == "dkdv" and sum(bool(arg(f, False)) for f in _PAIRED) >= 2:
-            cls = "paired"
-        bad = _SPILLS[(kind, wide, cls)]
+        if cls == "flags" and sum(bool(arg(f, False)) for f in _PAIRED) >= 2:
+            cls = "paired"  # a kind of "flags": its entry unless one of its own is given
+        bad = _SPILLS.get((kind, wide, cls), _SPILLS[(kind, wide, "flags")])
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) not in bad]
         return kept or configs
