@@ -197,7 +197,8 @@ def _attn_fwd(
     # Triton versions). It sums the rounded p that the P @ V dot weighs V by, so the output
     # stays a convex combination of V's rows. Not with dropout (the normalizer counts the
     # dropped entries, the dot sees them zeroed), softcap (its tanh leaves no room: 30-50
-    # more), or 16-row decode tiles (no warpgroup MMA there: twice the instructions).
+    # more), or 16-row decode tiles (no warpgroup MMA there: twice the instructions). The
+    # pruner's _over_smem restates this rule (its ones tile's shared memory).
     ROWSUM_DOT: tl.constexpr = USE_TMA and BLOCK_M > 16 and not (HAS_DROPOUT or HAS_SOFTCAP)
     if ROWSUM_DOT:
         l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
