@@ -6,6 +6,7 @@ point and its reference take the same arguments, so the choice is one line.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -439,10 +440,10 @@ def scaled_dot_product_attention(
     try:
         if _fast_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                            window_size, softcap, causal_alignment, return_lse):
-            if scale is None:
-                scale = 1.0 / math.sqrt(query.shape[-1])
-            return (_PACKAGES[0] or _load(False)).attention.unmasked(
+            out = (_PACKAGES[0] or _load(False)).attention.flash(
                 query, key, value, is_causal, scale)
+            if out is not None:  # else the full path: the math (or nnfast's error)
+                return out
     except _FAST_ERRORS:
         pass
     dropout_p, scale = _check_attention(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
@@ -464,9 +465,13 @@ def scaled_dot_product_attention(
 
 def _fast_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, window_size, softcap,
                     causal_alignment, return_lse) -> bool:
-    """Whether an attention call takes the fast path: fp32 q, k, v of one 4-D shape on the
-    CPU reference path (so Lq == Lk, where bottom-right alignment is top-left), no mask,
-    dropout, window, softcap or lse, a positive finite scale or None."""
+    """Whether an attention call takes the fast path: fp32 q of k's and v's 4-D shape, all
+    three on the CPU (PyTorch's kernel does not test devices: it reads a meta k's null
+    pointer) and q on the CPU reference path (so Lq == Lk, where bottom-right alignment is
+    top-left), no mask, dropout, window, softcap or lse, a positive finite scale or None.
+    k's and v's dtypes are the kernel's to test: it raises for any but q's, and the full
+    path then names the argument."""
+    shape = q.shape
     return (
         attn_mask is None and dropout_p.__class__ is float and dropout_p == 0.0
         and is_causal.__class__ is bool and return_lse is False
@@ -474,9 +479,8 @@ def _fast_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, window_size
         and (window_size is None or window_size == (-1, -1))
         and (softcap is None or softcap.__class__ is float and softcap == 0.0)
         and (causal_alignment == "top_left" or causal_alignment == "bottom_right")
-        and q.dtype is _F32 and k.dtype is _F32 and v.dtype is _F32
-        and q.shape == k.shape == v.shape and q.dim() == 4
-        and 0 < q.shape[3] <= MAX_HEAD_DIM and k.is_cpu and v.is_cpu and cpu_reference(q)
+        and q.dtype is _F32 and shape == k.shape == v.shape and len(shape) == 4
+        and 0 < shape[3] <= MAX_HEAD_DIM and k.is_cpu and v.is_cpu and cpu_reference(q)
     )
 
 
@@ -593,7 +597,7 @@ def linear_cross_entropy(
                     accum_dtype):
             loss = _ce_loss(_linear(input, weight), target, None, 1, ignore_index,
                             label_smoothing)
-            if not math.isnan(loss.detach()):  # NaN: maybe a mean over no target (below)
+            if not _isnan_f32(loss):  # NaN: maybe a mean over no target (below)
                 return loss
     except _FAST_ERRORS:  # an out-of-range target is torch's IndexError: the checks below
         pass
@@ -610,6 +614,13 @@ def linear_cross_entropy(
     args = (input, weight, target, bias, ignore_index, reduction, float(label_smoothing))
     return _ce_dispatch("linear_cross_entropy", input, target, weight.shape[0], ignore_index,
                         args, accum_dtype)
+
+
+def _isnan_f32(t: torch.Tensor) -> bool:
+    """Whether fp32 CPU scalar ``t`` is NaN, read from its memory: ``float(t)`` is a
+    dispatcher op (1% of a small call), this an attribute and a ctypes read."""
+    value = ctypes.c_float.from_address(t.data_ptr()).value
+    return value != value
 
 
 def _fast_ce(x, weight, target, bias, ignore_index, reduction, label_smoothing,

@@ -137,6 +137,65 @@ def test_attention_nan_query_row_gives_nan_like_pytorch(path, causal):
     torch.testing.assert_close(out[ok], _math_sdpa(q.detach(), k, v, is_causal=causal)[ok])
 
 
+def _nonfinite_scores(case):
+    """(q, k, v) where one head's scores are NaN or +-inf: PyTorch's fused CPU kernel skips
+    NaN scores in a short row's max (4 keys: all in its scalar tail) and gives zeros where
+    every score is -inf or skipped, where the math gives NaN (or zeros of its own)."""
+    q, k, v = (t.detach().clone() for t in _qkv())
+    if case == "nan_key":
+        k[0, 1, 2] = float("nan")
+    elif case == "nan_keys":
+        k[0, 1] = float("nan")
+    elif case == "inf_keys":
+        k[0, 1] = float("inf")
+    else:  # query 2 of head 1 scores -inf against every key
+        q[0, 1, 2] = float("-inf")
+        k[0, 1] = k[0, 1].abs() + 0.1
+    return q, k, v
+
+
+def _out_and_grads(q, k, v, causal):
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    return [out, *torch.autograd.grad(out.sum(), leaves)]
+
+
+# The interpreter's numpy on the inf scores (inf - inf in its matmul) warns; the kernel on a
+# GPU does not.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["nan_key", "nan_keys", "inf_keys", "neg_inf_scores"])
+def test_attention_nonfinite_scores_same_on_both_paths(monkeypatch, case, causal):
+    """The output is the math's, NaN where it is NaN; the reference and kernel paths give
+    the same output and gradients (NaN in the same places)."""
+    from nnfast.reference.attention import _explicit
+
+    q, k, v = _nonfinite_scores(case)
+    want = _explicit(q, k, v, None, 0.0, causal, 8 ** -0.5, None)
+    assert not torch.isfinite(want[0, 1]).all() or case == "neg_inf_scores"
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    ref = _out_and_grads(q, k, v, causal)
+    torch.testing.assert_close(ref[0], want, equal_nan=True)
+    if "cpu" not in kernel_devices():
+        pytest.skip("the kernel path needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("NNFAST_BACKEND", "triton")
+    for got, r in zip(_out_and_grads(q, k, v, causal), ref):
+        torch.testing.assert_close(got, r, equal_nan=True)
+
+
+def test_attention_zero_lse_rows_and_strided_inputs_stay_exact(path):
+    """A row whose log-sum-exp is exactly 0 (a zero query's first causal row) and q, k, v
+    whose last dim is not contiguous (PyTorch's fused CPU kernel misreads it) give the math."""
+    q, k, v = _qkv()
+    q = q.clone()
+    q[0, 0] = 0.0
+    want = _math_sdpa(q, k, v, is_causal=True)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, is_causal=True), want)
+    qt, kt, vt = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    assert qt.stride(-1) != 1
+    torch.testing.assert_close(F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), want)
+
+
 @pytest.mark.parametrize("mask_kind", ["bool", "causal"])
 def test_attention_nan_in_masked_out_key_stays_finite(path, mask_kind):
     q, k, v = _qkv()

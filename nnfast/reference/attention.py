@@ -12,9 +12,10 @@ Two implementations of the same math:
   GPUs (where the kernel's tests and benchmarks compare against it), with dropout (the
   caller's ``dropout_mask`` must be applied, or one drawn from torch's RNG as the kernel
   draws its own), and for empty inputs.
-* ``_fused``: ``F.scaled_dot_product_attention`` on CPU, where PyTorch's flash kernel for
-  CPU makes the reference path as fast as plain PyTorch. Fully masked rows are made
-  NaN-free before the call (see there).
+* ``_fused``: PyTorch's flash kernel for CPU (``F.scaled_dot_product_attention``'s), which
+  makes the reference path as fast as plain PyTorch. Fully masked rows are made NaN-free
+  before the call, and inputs where the kernel's NaN handling is not the math's go to
+  ``_explicit`` (see ``flash`` and ``_finite``).
 
 The extras (sliding ``window``, ``bottom_right`` causal alignment, ``softcap``,
 ``return_lse``) always take ``_explicit``. ``varlen_attention`` is the packed layout's oracle:
@@ -23,6 +24,7 @@ each sequence on its own through ``attention``, in fp32, bottom-right aligned.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -83,46 +85,96 @@ def attention(
         and not (is_causal and scale <= 0.0)  # PyTorch's CPU kernel: NaN rows (a bug)
         and q.numel() > 0
         and k.numel() > 0
-        and _finite(q, k if attn_mask is not None else None)
+        and (attn_mask is None or _finite(q, k))
     )
     if fused:
-        return _fused(q, k, v, attn_mask, is_causal, scale)
+        out = _fused(q, k, v, attn_mask, is_causal, scale)
+        if out is not None:
+            return out
     return _explicit(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_mask)
 
 
-def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-             scale: float) -> torch.Tensor:
-    """``attention(q, k, v, None, 0.0, is_causal, scale)`` for fp32 CPU tensors of one 4-D
-    shape and a positive scale (``nnfast.functional``'s fast path checks that): PyTorch's
-    fused kernel straight away, without attention()'s dispatch (a few µs a call at small
-    shapes, where the kernel itself takes ~100)."""
-    if q.numel() == 0 or not _finite(q, None):
-        return attention(q, k, v, None, 0.0, is_causal, scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+# F.scaled_dot_product_attention's CPU kernel, called as it calls it, which also returns the
+# rows' log-sum-exp: the test for the rows where it is not the math reads that (see flash).
+_FLASH_CPU = torch._scaled_dot_product_flash_attention_for_cpu
 
 
-def _finite(q: torch.Tensor, k: torch.Tensor | None) -> bool:
-    """Whether the fused CPU kernel gives PyTorch's math here. It does not for a NaN/inf in
-    q (zeros for that row, not NaN) nor, under a mask, for one in k (a masked-out NaN key
-    poisons every row). One sum each, synced (cheap on a CPU). Under ``torch.compile`` the
-    check (a graph break) is skipped: compiled code follows PyTorch's CPU kernel there."""
+def _word_finder():
+    """libc's ``wmemchr`` where a wchar_t is 4 bytes (Linux, macOS): the first 4-byte word
+    equal to a given one in memory, found in place (SIMD in glibc). None elsewhere."""
+    if ctypes.sizeof(ctypes.c_wchar) != 4:
+        return None
+    try:
+        find = ctypes.CDLL(None).wmemchr
+    except (AttributeError, OSError):
+        return None
+    find.restype = ctypes.c_void_p
+    find.argtypes = (ctypes.c_void_p, ctypes.c_wchar, ctypes.c_size_t)
+    return find
+
+
+_WMEMCHR = _word_finder()
+
+
+def _has_zero(lse: torch.Tensor) -> bool:
+    """Whether the kernel's fresh CPU lse holds a +0.0 (fp32's all-zero word; fp64's zero
+    holds two, so the test finds it too, and a few other fp64 values: the math then, never
+    a wrong answer). The kernel allocates lse dense ((B, Lq, H) in memory), so its nbytes
+    from its first element are its own memory."""
+    if _WMEMCHR is None:
+        return bool((lse == 0).any())
+    return _WMEMCHR(lse.data_ptr(), "\0", lse.nbytes >> 2) is not None
+
+
+def flash(q, k, v, is_causal, scale) -> torch.Tensor | None:
+    """PyTorch's fused CPU kernel on non-empty CPU q, k, v of one head count without a
+    mask (``scale`` None: 1/sqrt(D)), or None where it may differ from the math
+    (``_explicit``), and for a last dim that is not contiguous (the kernel misreads it;
+    F.scaled_dot_product_attention sends it to PyTorch's math). ``nnfast.functional``'s
+    fast path calls it straight away, without attention()'s dispatch.
+
+    The kernel differs where a row's running max stays -inf to the end: its max skips NaN
+    scores in a block's scalar tail (all of a row shorter than the CPU's vector), or every
+    score is -inf. It gives zeros there, the math NaN (or its zeros, with another
+    gradient). It then stores the row's max as 0 and its sum as 1, so that row's lse is
+    exactly +0.0; any +0.0 in lse (rare otherwise: a zero query's first causal row) gives
+    None. The test reads lse in place (a torch or numpy reduction of it after the kernel,
+    or a pass over q before, costs 3-5% of a small call). Under ``torch.compile``: PyTorch's
+    kernel through F.scaled_dot_product_attention, whose graph the test would break."""
+    if torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or q.numel() == 0:
+        return None
+    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, scale=scale)
+    return None if _has_zero(lse) else out
+
+
+def _finite(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the fused CPU kernel gives PyTorch's math under a mask (whose fully masked
+    rows ``_fused`` has made harmless): it does not for a NaN/inf in q (zeros for that row,
+    not NaN) nor in k (a masked-out NaN key poisons every row). One sum each, synced (cheap
+    on a CPU). Under ``torch.compile`` the check (a graph break) is skipped: compiled code
+    follows PyTorch's CPU kernel there."""
     if torch.compiler.is_compiling():
         return True
-    total = q.detach().sum()
-    if k is not None:
-        total = total + k.detach().sum()
-    return math.isfinite(total)
+    return math.isfinite(q.detach().sum() + k.detach().sum())
 
 
 def _fused(q, k, v, attn_mask, is_causal, scale):
-    """``F.scaled_dot_product_attention`` in fp32 with zeros for rows that see no key.
+    """``F.scaled_dot_product_attention`` in fp32 with zeros for rows that see no key, or
+    None where PyTorch's kernel may differ from the math (see ``flash``).
 
-    Causal rows always see key 0. With a mask, a row with no allowed key (all False, or all
-    -inf) would give NaN: such rows get an allow-all mask instead (finite, harmless), and
-    the output is multiplied by the row's 0/1 validity, so their output and every gradient
+    Without a mask (causal rows always see key 0): ``flash``, on k, v repeated for GQA as
+    PyTorch repeats them. With a mask, a row with no allowed key (all False, or all -inf)
+    would give NaN: such rows get an allow-all mask instead (finite, harmless), and the
+    output is multiplied by the row's 0/1 validity, so their output and every gradient
     through them are exactly 0 (and the mask's gradient there is 0: ``torch.where`` passes
     none to the replaced entries)."""
     qf, kf, vf = _fp32(q), _fp32(k), _fp32(v)
+    if attn_mask is None:
+        hq = q.shape[1]
+        out = flash(qf, _expand_kv(kf, hq), _expand_kv(vf, hq), is_causal, scale)
+        return out if out is None or out.dtype == q.dtype else out.to(q.dtype)
     valid = None
     if attn_mask is not None:
         if attn_mask.dim() < 2:  # SDPA's CPU kernel wants at least (Lq or 1, Lk)

@@ -82,4 +82,37 @@ def apply_rotary(
     T = q.shape[2]
     c = _gather(cos, position_ids, offset, T)
     s = _gather(sin, position_ids, offset, T)
+    c, s = _full_tables(c, s, interleaved)
     return _rotate(q, c, s, interleaved), _rotate(k, c, s, interleaved)
+
+
+def _full_tables(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    """(..., R/2) cos/sin rows -> (..., R) ones matching each channel of the rotated part:
+    cos on both members of a pair, -sin on its first and +sin on its second member."""
+    if interleaved:
+        return (torch.stack((cos, cos), dim=-1).flatten(-2),
+                torch.stack((-sin, sin), dim=-1).flatten(-2))
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    """``x * cos + swap(x) * sin`` on the first R channels, swap exchanging each pair's
+    members: (x1 cos - x2 sin, x2 cos + x1 sin) per pair, as addcmul rounds it (one rounding
+    of each product, then of the sum). Whole-width ops: a roll (half-split) or a flip of the
+    pair dim (interleaved) instead of splitting into halves and concatenating them again,
+    two ops where that took six (and their backward as many)."""
+    rot_dim = cos.shape[-1]
+    # fp16/bf16 are upcast; fp32 is used as it is (no copy).
+    xf = x.float() if x.element_size() < 4 else x
+    D = xf.shape[-1]
+    # split rather than slicing: its backward is one cat, where each slice's backward
+    # would allocate a zero tensor of the full size and copy into it.
+    rot, rest = (xf, None) if rot_dim == D else xf.split([rot_dim, D - rot_dim], dim=-1)
+    if interleaved:
+        swapped = rot.unflatten(-1, (rot_dim // 2, 2)).flip(-1).flatten(-2)
+    else:
+        swapped = rot.roll(rot_dim // 2, dims=-1)
+    y = torch.addcmul(rot * cos, swapped, sin)
+    if rest is not None:
+        y = torch.cat((y, rest), dim=-1)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -392,6 +392,49 @@ def test_bad_input(args, kwargs, err, match):
         sdpa(*args, **kwargs)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 113, 40), (1, 2, 64, 80)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_cpu_fast_path_is_pytorchs_kernel(monkeypatch, shape, causal, scale):
+    """The fp32 CPU call (the fast path: PyTorch's fused kernel called directly, its NaN
+    test read off the kernel's lse) gives torch's own SDPA bit for bit, output and every
+    gradient."""
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(*shape, generator=gen) for _ in range(3)]
+    dout = torch.randn(*shape, generator=gen)
+    results = []
+    for fn in (sdpa, torch.nn.functional.scaled_dot_product_attention):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves, is_causal=causal, scale=scale)
+        results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("finder", ["wmemchr", "torch"])
+def test_cpu_kernel_lse_zero_test(monkeypatch, finder):
+    """The fast path's test for the rows where PyTorch's kernel is not the math: it reads
+    lse's memory in place, which needs the kernel's lse dense from its first element (else
+    it would read past it); it finds a +0.0 anywhere (fp32 and fp64), and nothing else in
+    fp32."""
+    if finder == "torch":
+        monkeypatch.setattr(ref, "_WMEMCHR", None)
+    elif ref._WMEMCHR is None:
+        pytest.skip("no 4-byte wmemchr in this libc")
+    for shape, dtype in [((1, 1, 1, 8), torch.float32), ((3, 5, 113, 40), torch.float32),
+                         ((2, 3, 37, 16), torch.float64)]:
+        q = torch.randn(*shape, dtype=dtype)
+        _, lse = ref._FLASH_CPU(q, q, q, 0.0, True)
+        assert lse.storage_offset() == 0 and min(lse.stride()) > 0
+        assert lse.untyped_storage().nbytes() == lse.nbytes
+        assert not ref._has_zero(lse.abs() + 1.0)
+        for idx in [(0, 0, 0), (shape[0] - 1, shape[1] - 1, shape[2] - 1)]:
+            hit = lse.abs() + 1.0  # same (B, Lq, H) layout: clone-like ops keep it
+            hit[idx] = 0.0
+            assert ref._has_zero(hit), (shape, dtype, idx)
+
+
 # ----------------------------------------------------------------------------- lse gradient
 def _lse_case(case):
     """(q, k, v, mask, causal, dropout_p): fp32 on the CPU."""

@@ -185,6 +185,22 @@ def test_reference_path_equals_torch(monkeypatch, reduction, label_smoothing):
         assert F.cross_entropy((x @ w.T).reshape(-1, 999), ignored.reshape(-1)).isnan()
 
 
+def test_cpu_fast_path_nan_loss(monkeypatch):
+    """The fp32 CPU fast path (2-D input, no bias, the mean: torch's own ops) reads its
+    loss's memory for NaN: all targets ignored still gives the full path's 0 and zero
+    gradients, a NaN input still NaN, anything else torch's loss bit for bit."""
+    monkeypatch.setenv("NNFAST_BACKEND", "torch")
+    x, w, _, t = _make(12, 7, 11, torch.float32, "cpu", bias=False)
+    assert torch.equal(Fn.linear_cross_entropy(x, w, t), F.cross_entropy(x @ w.T, t))
+    leaves = [v.clone().requires_grad_() for v in (x, w)]
+    loss = Fn.linear_cross_entropy(*leaves, torch.full_like(t, -100))
+    assert loss.item() == 0.0
+    for g in torch.autograd.grad(loss, leaves):
+        assert torch.equal(g, torch.zeros_like(g))
+    x[3, 2] = float("nan")
+    assert Fn.linear_cross_entropy(x, w, t).isnan()
+
+
 def test_bad_input_names_the_argument():
     x, w, b, t = _make(5, 7, 11, torch.float32, "cpu")
     with pytest.raises(TypeError, match="target"):
