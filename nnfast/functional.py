@@ -617,8 +617,10 @@ def linear_cross_entropy(
 
 
 def _isnan_f32(t: torch.Tensor) -> bool:
-    """Whether fp32 CPU scalar ``t`` is NaN, read from its memory: ``float(t)`` is a
-    dispatcher op (1% of a small call), this an attribute and a ctypes read."""
+    """Whether CPU scalar ``t`` is NaN: an fp32 one read from its memory (``float(t)`` is a
+    dispatcher op, 1% of a small call; this two attributes and a ctypes read)."""
+    if t.dtype is not _F32:  # e.g. under an autocast that kept the loss in bf16
+        return math.isnan(t)
     value = ctypes.c_float.from_address(t.data_ptr()).value
     return value != value
 

@@ -221,7 +221,7 @@ def _example(argv: list[str], tmp_path: Path) -> None:
 
 
 def _bench_module(argv: list[str], tmp_path: Path) -> None:
-    """``python -m benchmarks.test_overhead``: its ratio table, 1 round instead of 31."""
+    """``python -m benchmarks.test_overhead``: its ratio table, 1 round instead of 101."""
     assert argv[2] == "benchmarks.test_overhead", f"no check for {argv[2]}: add one"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
