@@ -185,7 +185,8 @@ def test_attention_nonfinite_scores_same_on_both_paths(monkeypatch, case, causal
 
 def test_attention_zero_lse_rows_and_strided_inputs_stay_exact(path):
     """A row whose log-sum-exp is exactly 0 (a zero query's first causal row) and q, k, v
-    whose last dim is not contiguous (PyTorch's fused CPU kernel misreads it) give the math."""
+    whose last dim is not contiguous (copied first: PyTorch's fused CPU kernel misreads it)
+    give the math."""
     q, k, v = _qkv()
     q = q.clone()
     q[0, 0] = 0.0

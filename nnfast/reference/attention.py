@@ -127,11 +127,10 @@ def _has_zero(lse: torch.Tensor) -> bool:
 
 
 def flash(q, k, v, is_causal, scale) -> torch.Tensor | None:
-    """PyTorch's fused CPU kernel on non-empty CPU q, k, v of one head count without a
-    mask (``scale`` None: 1/sqrt(D)), or None where it may differ from the math
-    (``_explicit``), and for a last dim that is not contiguous (the kernel misreads it;
-    F.scaled_dot_product_attention sends it to PyTorch's math). ``nnfast.functional``'s
-    fast path calls it straight away, without attention()'s dispatch.
+    """PyTorch's fused CPU kernel on CPU q, k, v of one head count without a mask
+    (``scale`` None: 1/sqrt(D)), or None where it may differ from the math (``_explicit``)
+    and for empty inputs. ``nnfast.functional``'s fast path calls it straight away, without
+    attention()'s dispatch.
 
     The kernel differs where a row's running max stays -inf to the end: its max skips NaN
     scores in a block's scalar tail (all of a row shorter than the CPU's vector), or every
@@ -143,8 +142,12 @@ def flash(q, k, v, is_causal, scale) -> torch.Tensor | None:
     kernel through F.scaled_dot_product_attention, whose graph the test would break."""
     if torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or q.numel() == 0:
+    if q.numel() == 0:
         return None
+    # The kernel reads a head's row as D contiguous values: copy a strided last dim.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
     out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, scale=scale)
     return None if _has_zero(lse) else out
 
@@ -175,25 +178,21 @@ def _fused(q, k, v, attn_mask, is_causal, scale):
         hq = q.shape[1]
         out = flash(qf, _expand_kv(kf, hq), _expand_kv(vf, hq), is_causal, scale)
         return out if out is None or out.dtype == q.dtype else out.to(q.dtype)
-    valid = None
-    if attn_mask is not None:
-        if attn_mask.dim() < 2:  # SDPA's CPU kernel wants at least (Lq or 1, Lk)
-            attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + attn_mask.shape)
-        if attn_mask.dtype == torch.bool:
-            valid = attn_mask.any(dim=-1, keepdim=True)  # (..., Lq or 1, 1)
-            attn_mask = attn_mask | ~valid
-        else:
-            m = _fp32(attn_mask)
-            if m.dtype != qf.dtype:  # e.g. an fp32 mask next to fp64 inputs
-                m = m.to(qf.dtype)
-            valid = (m.detach() > float("-inf")).any(dim=-1, keepdim=True)
-            attn_mask = torch.where(valid, m, torch.zeros((), dtype=m.dtype, device=m.device))
+    if attn_mask.dim() < 2:  # SDPA's CPU kernel wants at least (Lq or 1, Lk)
+        attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + attn_mask.shape)
+    if attn_mask.dtype == torch.bool:
+        valid = attn_mask.any(dim=-1, keepdim=True)  # (..., Lq or 1, 1)
+        attn_mask = attn_mask | ~valid
+    else:
+        m = _fp32(attn_mask)
+        if m.dtype != qf.dtype:  # e.g. an fp32 mask next to fp64 inputs
+            m = m.to(qf.dtype)
+        valid = (m.detach() > float("-inf")).any(dim=-1, keepdim=True)
+        attn_mask = torch.where(valid, m, torch.zeros((), dtype=m.dtype, device=m.device))
     out = F.scaled_dot_product_attention(
         qf, kf, vf, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
         enable_gqa=k.shape[1] != q.shape[1],
-    )  # (B, Hq, Lq, D)
-    if valid is not None:
-        out = out * valid.to(out.dtype)
+    ) * valid.to(qf.dtype)  # (B, Hq, Lq, D)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 

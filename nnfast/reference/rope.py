@@ -45,30 +45,6 @@ def _gather(table: torch.Tensor, position_ids: torch.Tensor | None, offset: int,
     return rows[None, None] if position_ids.dim() == 1 else rows[:, None]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
-    half = cos.shape[-1]
-    # fp16/bf16 are upcast; fp32 is used as it is (no copy).
-    xf = x.float() if x.element_size() < 4 else x
-    D = xf.shape[-1]
-    # split/unbind rather than slicing: their backward is one cat/stack, where each slice's
-    # backward would allocate a zero tensor of the full size and copy into it.
-    rot, rest = (xf, None) if 2 * half == D else xf.split([2 * half, D - 2 * half], dim=-1)
-    if interleaved:
-        x1, x2 = rot.unflatten(-1, (half, 2)).unbind(-1)  # (..., half) each
-    else:
-        x1, x2 = rot.split(half, dim=-1)
-    # addcmul: two ops per half instead of three (fewer autograd nodes, less traffic).
-    y1 = torch.addcmul(x1 * cos, x2, sin, value=-1.0)
-    y2 = torch.addcmul(x2 * cos, x1, sin)
-    if interleaved:
-        y = torch.stack((y1, y2), dim=-1).flatten(-2)  # (..., half, 2) -> (..., 2 * half)
-    else:
-        y = torch.cat((y1, y2), dim=-1)
-    if rest is not None:
-        y = torch.cat((y, rest), dim=-1)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
 def apply_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
